@@ -1,0 +1,1 @@
+"""What runs inside a meter, as deterministic state machines (time is always an argument)."""

@@ -1,0 +1,408 @@
+"""``meterlink read | write | relay | discover | time-sync``: talk to meters on a bus URL.
+
+Bus URLs: ``serial:///dev/ttyUSB0?baud=2400&parity=E``, ``socket://HOST:PORT`` and
+``rfc2217://HOST:PORT`` (pyserial URL handlers), ``tcp://HOST:PORT``,
+``mqtt://HOST:PORT/PREFIX/ID``, ``dtu://HOST:PORT/ID`` (listen for a 4G DTU). Errors (no
+reply, wrong address, refused) are one line on stderr and a non-zero exit status; never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import click
+
+from protocols.dlt645 import (
+    BROADCAST,
+    METER_TZ,
+    PROFILES,
+    Dlt645Error,
+    Edition,
+    RelayCommand,
+    dumps,
+    jsonable,
+    normalize_address,
+    table_for,
+)
+
+from ..client import MeterClient, ReadFailure, Reading
+from ..errors import GatewayError, LinkDown, NoReply, ReplyMismatch, WrongMeter
+from ..link import Link, LinkConfig
+
+T = TypeVar("T")
+
+EXIT_ERROR = 1
+
+
+def _bus_option(f: Any, required: bool = True) -> Any:
+    f = click.option(
+        "--bus",
+        "bus",
+        required=required,
+        metavar="URL",
+        help="The line: serial://, socket://, tcp://, mqtt://HOST:PORT/PREFIX/ID, dtu://HOST:PORT/ID."
+        + ("" if required else " Without it, the command goes through a running gateway (--gateway)."),
+    )(f)
+    f = click.option(
+        "--profile",
+        type=click.Choice(sorted(PROFILES)),
+        default="sgcc-2013",
+        show_default=True,
+        help="Meter model (edition, password levels, reply forms).",
+    )(f)
+    f = click.option(
+        "--timeout",
+        type=click.FloatRange(0.05, 60),
+        default=None,
+        help="Td max in seconds (default 0.5; the timeout adds wire time and a margin).",
+    )(f)
+    f = click.option("--retries", type=click.IntRange(0, 10), default=2, show_default=True)(f)
+    return click.option(
+        "--operator",
+        default="00000000",
+        show_default=True,
+        callback=_operator,
+        help="Operator code (8 hex digits).",
+    )(f)
+
+
+def _operator(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not re.fullmatch(r"[0-9A-Fa-f]{8}", value):
+        what = "is not hex" if re.search(r"[^0-9A-Fa-f]", value) else f"has {len(value)} digits"
+        raise click.BadParameter(f"operator code {value!r} {what}: give 8 hex digits", ctx, param)
+    return value.upper()
+
+
+def _run(bus: str, profile: str, timeout: float | None, retries: int, action: Callable[[Link], Awaitable[T]]) -> T:
+    from ..transports import open_transport
+
+    async def main() -> T:
+        transport = open_transport(bus)
+        config = LinkConfig(retries=retries)
+        if timeout is not None:
+            config.td_max_s = timeout
+        link = Link(transport, config)
+        await link.start(require_open=True)  # a dead line is reported at once, not after every retry
+        try:
+            return await action(link)
+        finally:
+            await link.stop()
+
+    try:
+        return asyncio.run(main())
+    except GatewayError as exc:
+        _fail(str(exc))
+    except Dlt645Error as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{bus}: {exc.strerror or exc}")
+    raise AssertionError("unreachable")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"meterlink: {message}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def _address(text: str) -> str:
+    try:
+        address = normalize_address(text)
+    except Dlt645Error as exc:
+        raise click.BadParameter(str(exc), param_hint="ADDRESS") from None
+    if address == BROADCAST:  # nobody answers it: a read would fail oddly, a write "succeed" unheard
+        raise click.BadParameter(f"{address} is the broadcast address; no meter answers it", param_hint="ADDRESS")
+    return address
+
+
+def _di(text: str, edition: Edition) -> int:
+    compact = re.sub(r"[-.\s]", "", text)
+    width = 8 if edition is Edition.V2007 else 4
+    if not re.fullmatch(rf"[0-9A-Fa-f]{{{width}}}", compact):
+        raise click.BadParameter(f"{text!r} is not a {width}-hex-digit data identifier", param_hint="DI")
+    return int(compact, 16)
+
+
+def _reading_json(r: Reading) -> dict[str, Any]:
+    return {
+        "address": r.address,
+        "di": r.code,
+        "name": r.name,
+        "value": jsonable(r.value),
+        "unit": r.unit,
+        "raw": r.raw.hex().upper(),
+    }
+
+
+def _failure_json(f: ReadFailure) -> dict[str, Any]:
+    return {"address": f.address, "di": f.code, "error": str(f.error)}
+
+
+def _failure_text(f: ReadFailure) -> str:
+    """``meterlink: 00900100: meter 000000000001 refused function 0x11 DI 00900100: no_data``."""
+    message = str(f.error)
+    return f"meterlink: {message}" if f.code in message else f"meterlink: DI {f.code}: {message}"
+
+
+def _reading_text(r: Reading) -> str:
+    value = jsonable(r.value)
+    shown = dumps(value) if isinstance(value, (dict, list)) else ("null" if value is None else str(value))
+    unit = f" {r.unit}" if r.unit and not isinstance(value, (dict, list)) else ""
+    return f"{r.code}  {r.name or '(unknown DI)'}: {shown}{unit}"
+
+
+@click.command("read")
+@_bus_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per DI (with an error key if it failed).")
+@click.argument("address")
+@click.argument("dis", nargs=-1, required=True, metavar="DI...")
+def read(
+    bus: str,
+    profile: str,
+    timeout: float | None,
+    retries: int,
+    operator: str,
+    as_json: bool,
+    address: str,
+    dis: tuple[str, ...],
+) -> None:
+    """Read data identifiers from a meter.
+
+    Every DI read is printed, in order; one the meter refuses is an error line naming it
+    (stderr; with --json an object with address, di and error on stdout), and the exit status
+    is then 1. When the meter stops answering (no reply, another meter's, the line down) that is
+    one error line and the DIs after it are not tried (with --json each still gets its object).
+    """
+    prof = PROFILES[profile]
+    addr = _address(address)
+    ids = [_di(d, prof.edition) for d in dis]
+    failed = 0
+    stopped = False
+
+    def show(r: Reading | ReadFailure) -> None:  # as each DI is read: a slow line shows progress
+        nonlocal failed, stopped
+        if stopped:
+            return
+        if isinstance(r, ReadFailure):
+            failed += 1
+            if as_json:
+                click.echo(dumps(_failure_json(r)))
+            else:
+                click.echo(_failure_text(r), err=True)
+                # The meter (or the line) is gone: the rest are not tried (MeterClient.read_each),
+                # and one line says so, not one per DI.
+                stopped = isinstance(r.error, (NoReply, WrongMeter, LinkDown))
+        else:
+            click.echo(dumps(_reading_json(r)) if as_json else _reading_text(r))
+
+    async def action(link: Link) -> list[Reading | ReadFailure]:
+        client = MeterClient(link, addr, prof, operator=operator)
+        return await client.read_each(ids, on_result=show)
+
+    _run(bus, profile, timeout, retries, action)
+    if failed:
+        sys.exit(EXIT_ERROR)
+
+
+def _parse_value(di: int, edition: Edition, text: str) -> Any:
+    """The typed value of VALUE for this DI, by the same parser as ``meterlink encode write``."""
+    from protocols.dlt645 import parse_value
+
+    item = table_for(edition).get(di)
+    if item is None:
+        raise click.BadParameter(f"unknown data identifier {di:X}", param_hint="DI")
+    try:
+        return parse_value(item.format, text)
+    except Dlt645Error as exc:
+        raise click.BadParameter(
+            f"{text!r} is not a value for {item.code} ({item.format.spec}): {exc}", param_hint="VALUE"
+        ) from None
+
+
+@click.command("write")
+@_bus_option
+@click.option(
+    "--security",
+    type=click.Choice(["plain", "mac", "cipher"]),
+    default="plain",
+    show_default=True,
+    help="plain: password level (needs the programming key); mac: level 99; cipher: level 98.",
+)
+@click.option("--level", default="04", show_default=True, help="Password level for plain writes (hex).")
+@click.option("--password", default="000000", show_default=True)
+@click.argument("address")
+@click.argument("di")
+@click.argument("value")
+def write(
+    bus: str,
+    profile: str,
+    timeout: float | None,
+    retries: int,
+    operator: str,
+    security: str,
+    level: str,
+    password: str,
+    address: str,
+    di: str,
+    value: str,
+) -> None:
+    """Write one data identifier."""
+    prof = PROFILES[profile]
+    addr = _address(address)
+    di_value = _di(di, prof.edition)
+    parsed = _parse_value(di_value, prof.edition, value)
+    try:
+        level_value = int(level, 16)
+    except ValueError:
+        raise click.BadParameter(f"{level!r} is not a hex level", param_hint="--level") from None
+
+    async def action(link: Link) -> None:
+        client = MeterClient(link, addr, prof, operator=operator)
+        if security == "mac":
+            await client.write_mac(di_value, parsed)
+        elif security == "cipher":
+            await client.write_encrypted(di_value, parsed)
+        else:
+            await client.write(di_value, parsed, level=level_value, password=password)
+
+    _run(bus, profile, timeout, retries, action)
+    click.echo(f"{addr}: {di_value:08X} written")
+
+
+_ACTIONS = {c.name.lower().replace("_", "-"): c for c in RelayCommand}
+
+
+@click.command("relay")
+@lambda f: _bus_option(f, required=False)
+@click.option(
+    "--gateway",
+    "gateway_url",
+    envvar="METERLINK_GATEWAY",
+    default="http://127.0.0.1:8080",
+    show_default=True,
+    help="Without --bus: the gateway's API (env METERLINK_GATEWAY).",
+)
+@click.option("--key", envvar="METERLINK_API_KEY", default=None, help="Without --bus: API key (env METERLINK_API_KEY).")
+@click.option("--idempotency-key", "idem", default=None, help="Without --bus: repeat safely with the same key.")
+@click.option("--json", "as_json", is_flag=True, help="Without --bus: print the command as JSON.")
+@click.option(
+    "--valid-minutes",
+    type=click.IntRange(1, 24 * 60),
+    default=10,
+    show_default=True,
+    help="The meter refuses the command after this many minutes.",
+)
+@click.option(
+    "--n2", type=click.IntRange(0, 255), default=0, show_default=True, help="Trip-auto-restore delay in 5-minute units."
+)
+@click.option("--plaintext", is_flag=True, help="Plaintext 0x1C with a password (meters usually only close).")
+@click.option("--level", default="02", show_default=True)
+@click.option("--password", default="000000", show_default=True)
+@click.argument("address")
+@click.argument("action", type=click.Choice(sorted(_ACTIONS)))
+def relay(
+    bus: str | None,
+    gateway_url: str,
+    key: str | None,
+    idem: str | None,
+    as_json: bool,
+    profile: str,
+    timeout: float | None,
+    retries: int,
+    operator: str,
+    valid_minutes: int,
+    n2: int,
+    plaintext: bool,
+    level: str,
+    password: str,
+    address: str,
+    action: str,
+) -> None:
+    """Relay control: trip, close-allowed, direct-close, alarm, power hold.
+
+    With --bus the command goes straight to the meter; without it, through a running gateway
+    (ledger, safety policy, read-back).
+    """
+    if bus is None:
+        from .service import submit_and_wait
+
+        body: dict[str, Any] = {
+            "kind": "relay",
+            "address": address,
+            "params": {"action": action, "n2": n2},
+            "valid_until": (datetime.now(METER_TZ) + timedelta(minutes=valid_minutes)).isoformat(),
+        }
+        if idem:
+            body["idempotency_key"] = idem
+        submit_and_wait(gateway_url, key, body, 30, as_json)
+        return
+    prof = PROFILES[profile]
+    addr = _address(address)
+    until = datetime.now(METER_TZ) + timedelta(minutes=valid_minutes)
+    try:
+        level_value = int(level, 16)
+    except ValueError:
+        raise click.BadParameter(f"{level!r} is not a hex level", param_hint="--level") from None
+
+    async def run(link: Link) -> Any:
+        client = MeterClient(link, addr, prof, operator=operator)
+        return await client.relay(
+            _ACTIONS[action], until, n2=n2, encrypted=not plaintext, level=level_value, password=password
+        )
+
+    result = _run(bus, profile, timeout, retries, run)
+    executed = f" ({result.execution.name})" if result.execution else ""
+    click.echo(f"{addr}: {action} accepted{executed}")
+
+
+@click.command("discover")
+@_bus_option
+@click.option("--address", "addresses", multiple=True, help="Probe these addresses (repeat) instead of the wildcard.")
+def discover(
+    bus: str, profile: str, timeout: float | None, retries: int, operator: str, addresses: tuple[str, ...]
+) -> None:
+    """Find the meters on a line: the wildcard read-address when one meter is alone, else probe a list."""
+    prof = PROFILES[profile]
+    probe = [_address(a) for a in addresses]
+
+    async def run(link: Link) -> list[str]:
+        try:
+            return await MeterClient.discover(link, probe, prof, operator=operator)
+        except (NoReply, WrongMeter, ReplyMismatch) as exc:
+            if probe:
+                raise
+            raise GatewayError(
+                f"{exc}; if several meters share the line their replies to the wildcard collide: "
+                "probe them with --address"
+            ) from None
+
+    found = _run(bus, profile, timeout, retries, run)
+    for a in found:
+        click.echo(a)
+    if not found:
+        _fail("no meter answered")
+
+
+@click.command("time-sync")
+@_bus_option
+@click.option("--at", "at", default=None, help="ISO 8601 time to broadcast (default: now).")
+def time_sync(bus: str, profile: str, timeout: float | None, retries: int, operator: str, at: str | None) -> None:
+    """Broadcast the time (meters apply it only if within 5 minutes, once a day, away from midnight)."""
+    prof = PROFILES[profile]
+    try:
+        when = datetime.fromisoformat(at) if at else datetime.now(METER_TZ)
+    except ValueError:
+        raise click.BadParameter(f"{at!r} is not ISO 8601", param_hint="--at") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=METER_TZ)
+
+    async def run(link: Link) -> Any:
+        return await MeterClient(link, "000000000000", prof, operator=operator).broadcast_time(when)
+
+    _run(bus, profile, timeout, retries, run)
+    click.echo(f"time {when.astimezone(METER_TZ).replace(microsecond=0).isoformat()} broadcast")

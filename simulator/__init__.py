@@ -1,0 +1,1 @@
+"""Fleets of simulated meters on virtual clocks, bus emulation, transports and faults."""
