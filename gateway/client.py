@@ -516,20 +516,33 @@ class MeterClient:
         def build() -> SecurityRequest:
             return SecurityRequest(SecurityDI.STATUS_QUERY, self.operator)
 
-        try:
-            exchange = await self._secure(build, not_after)
-        except MeterRefused:
-            return int((await self.read(PURCHASE_COUNT_DI, not_after=not_after)).value)
-        payload = exchange.payload
-        body = getattr(payload, "body", None)
-        if not isinstance(payload, SecurityReply) or not isinstance(body, StatusQueryReply):
-            raise ReplyMismatch("unexpected reply to a status query")
-        assert self._session is not None
-        try:
-            self._session.check_status(body)
-        except EsamCryptoError as exc:
-            raise ReplyMismatch(f"meter {self.address}: status query reply fails its MAC check: {exc}") from None
-        return body.purchase_count
+        for renewed in (False, True):
+            try:
+                exchange = await self._secure(build, not_after)
+            except MeterRefused:
+                return int((await self.read(PURCHASE_COUNT_DI, not_after=not_after)).value)
+            payload = exchange.payload
+            body = getattr(payload, "body", None)
+            if not isinstance(payload, SecurityReply) or not isinstance(body, StatusQueryReply):
+                raise ReplyMismatch("unexpected reply to a status query")
+            assert self._session is not None
+            try:
+                self._session.check_status(body)
+            except EsamCryptoError as exc:
+                # The ESAM holds one authentication state (dlt645.md §5.1, "RemoteValid"): another
+                # master (a second gateway, a handheld) that authenticated since ours replaced it,
+                # and the meter MACs with the new key. Authenticate again and ask once more; a
+                # second mismatch is a real fault, and the session is dropped so the next attempt
+                # starts afresh.
+                if renewed:
+                    self._session = None
+                    raise ReplyMismatch(
+                        f"meter {self.address}: status query reply fails its MAC check: {exc}"
+                    ) from None
+                await self.session(renew=True, not_after=not_after)
+                continue
+            return body.purchase_count
+        raise AssertionError("unreachable")
 
     async def top_up(
         self,

@@ -232,6 +232,27 @@ async def test_account_opening_reports_what_the_meter_did(sim_link: Link, fleet:
     assert fleet.state(A3)["remaining_money"] == "150.00"
 
 
+async def test_a_second_master_taking_the_esam_session_does_not_fail_the_first(sim_link: Link, fleet: Fleet):
+    """Two gateways (or a gateway and a handheld) on one meter: each authentication replaces the
+    ESAM's session (dlt645.md §5.1), so the first master's cached session is stale; its status
+    query reply then fails the MAC check with the old key, and it authenticates again instead of
+    failing the command."""
+    first = MeterClient(sim_link, A1, priority=Priority.COMMAND)
+    second = MeterClient(sim_link, A1, priority=Priority.COMMAND)
+    count = fleet.state(A1)["purchase_count"]
+    assert await first.purchase_count() == count
+    stale = first._session
+    assert await second.purchase_count() == count  # the meter now holds the second's session
+    assert await first.purchase_count() == count
+    assert first._session is not stale  # it renewed
+    customer = fleet.state(A1)["customer"]
+    before = fleet.state(A1)["remaining_money"]
+    assert (await second.top_up(100, count + 1, customer)).outcome == "applied"
+    assert (await first.top_up(200, count + 2, customer)).outcome == "applied"  # refused once, renewed
+    assert fleet.state(A1)["purchase_count"] == count + 2
+    assert Decimal(fleet.state(A1)["remaining_money"]) == Decimal(before) + Decimal("3.00")
+
+
 class NoStatusQuery(MeterClient):
     """A meter that refuses the ESAM status query (078102FF)."""
 
