@@ -36,13 +36,12 @@ Four measurements; (a) and (b) against a target from the simulator issue:
 (c) **Catch-up.** CPU time (``time.process_time``) to bring ``--catch-up-meters`` residential
     meters (default 50, local cost control, default tariffs, freezes on) up to date after
     ``--catch-up-days`` simulated days (default 30), in one jump each, as ``/summary`` does after
-    ``POST /time/advance``. Printed: CPU per simulated meter-day for this code and for the
-    baseline, the catch-up of commit ``BASELINE_COMMIT`` (which stepped per 15-minute load slot),
-    run in the same process on the same meters (the best of 3 alternating rounds each), and the
-    ratio baseline / new. The baseline's
-    ``firmware_stubs`` and ``simulator/load_profiles.py`` are taken from git (``git show``) into a
-    temporary package; without git the baseline is skipped. Both must end in the same registers,
-    money, freezes and records (the bench fails otherwise).
+    ``POST /time/advance``. Printed: CPU per simulated meter-day for this, and for the baseline:
+    the same meters advanced one 15-minute load slot per call (96 calls a day, what a simulator
+    stepping per slot does), in the same process (the best of 3 alternating rounds each), and the
+    ratio baseline / new. Both must end in the same registers, money, freezes and records (the
+    bench fails otherwise). (Until 2026-12-04 the baseline was the catch-up code of commit
+    d719421, taken from git; that history is gone from this repository.)
 
 ``--profile FILE`` writes a cProfile of the simulator side of (b) (``python -m pstats FILE``).
 ``--skip-memory`` / ``--skip-aged`` / ``--skip-reads`` / ``--skip-catch-up`` leave a part out.
@@ -57,14 +56,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib
 import multiprocessing as mp
 import os
 import platform
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -84,8 +80,8 @@ MEMORY_TARGET_MIB = 1024  # 100,000 meters under 1 GiB RSS
 READS_TARGET = 5_000  # reads answered per second on one core
 READ_DIS = (0x00010000, 0x00900200)
 WARMUP_S = 1.0
-BASELINE_COMMIT = "d7194217b7b1d9d2caef3679960dd5f450239c05"
-"""The catch-up baseline of (c): the last commit whose meters stepped per 15-minute load slot."""
+BASELINE_STEP = timedelta(minutes=15)
+"""The catch-up baseline of (c): the same meters advanced one 15-minute load slot per call."""
 CATCH_UP_START = datetime(2026, 3, 2, 0, 0, tzinfo=METER_TZ)
 CATCH_UP_ROUNDS = 3
 REPO = Path(__file__).resolve().parent.parent
@@ -347,39 +343,6 @@ def measure_reads(args: argparse.Namespace) -> float:
 # --- (c) catch-up ---------------------------------------------------------------------------------
 
 
-def baseline_modules(tmp: Path) -> tuple[object, object] | None:
-    """(meter module, load_profiles module) of :data:`BASELINE_COMMIT`, imported from git into
-    ``tmp`` as the packages ``baseline_firmware_stubs`` and ``baseline_simulator``; None without git."""
-
-    def show(path: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(REPO), "show", f"{BASELINE_COMMIT}:{path}"], capture_output=True, text=True, check=True
-        ).stdout
-
-    try:
-        names = subprocess.run(
-            ["git", "-C", str(REPO), "ls-tree", "--name-only", BASELINE_COMMIT, "firmware_stubs/"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
-        fw = tmp / "baseline_firmware_stubs"
-        fw.mkdir()
-        for name in names:
-            if name.endswith(".py"):
-                (fw / Path(name).name).write_text(show(name))
-        sim = tmp / "baseline_simulator"
-        sim.mkdir()
-        (sim / "__init__.py").write_text("")
-        (sim / "load_profiles.py").write_text(show("simulator/load_profiles.py"))
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    sys.path.insert(0, str(tmp))
-    return importlib.import_module("baseline_firmware_stubs.meter"), importlib.import_module(
-        "baseline_simulator.load_profiles"
-    )
-
-
 def _fingerprint(m: object) -> tuple:
     """Registers, money, relay, freezes and records of a meter (baseline or new), as plain values."""
     daily = [(d.energy.time_ms, d.energy.forward, d.energy.reverse, d.remaining, d.overdraft) for d in m.daily]
@@ -399,12 +362,13 @@ def _fingerprint(m: object) -> tuple:
     )
 
 
-def _catch_up(meter_cls: type, config_cls: type, make: object, meters: int, days: int) -> tuple[float, list]:
-    """(CPU seconds to advance ``meters`` fresh meters ``days`` in one jump each, their fingerprints)."""
+def _catch_up(step: timedelta | None, meters: int, days: int) -> tuple[float, list]:
+    """(CPU seconds to advance ``meters`` fresh meters ``days``, their fingerprints): in one jump
+    each (``step`` None), or in calls of ``step`` each (the baseline)."""
     fleet = [
-        meter_cls(
-            config_cls(f"{i:012d}", balance_fen=2_000 + 4_000 * (i % 10), seed=i),  # a few run out of money
-            make("residential", 1, i),  # type: ignore[operator]
+        Meter(
+            MeterConfig(f"{i:012d}", balance_fen=2_000 + 4_000 * (i % 10), seed=i),  # a few run out of money
+            make_load("residential", 1, i),
             CATCH_UP_START,
         )
         for i in range(1, meters + 1)
@@ -413,41 +377,39 @@ def _catch_up(meter_cls: type, config_cls: type, make: object, meters: int, days
     gc.collect()
     t0 = time.process_time()
     for m in fleet:
-        m.advance(end)
+        if step is None:
+            m.advance(end)
+            continue
+        t = CATCH_UP_START
+        while t < end:
+            t = min(t + step, end)
+            m.advance(t)
     took = time.process_time() - t0
     return took, [_fingerprint(m) for m in fleet]
 
 
-def measure_catch_up(meters: int, days: int, rounds: int = CATCH_UP_ROUNDS) -> tuple[float, float | None]:
-    """(CPU ms per meter-day of this code, baseline / new ratio or None without the baseline).
+def measure_catch_up(meters: int, days: int, rounds: int = CATCH_UP_ROUNDS) -> tuple[float, float]:
+    """(CPU ms per meter-day in one jump, baseline / new ratio).
 
     ``rounds`` alternating rounds (new, baseline, new, ...), each on fresh meters; the fastest
     round of each counts (other jobs on the machine only ever slow a round down).
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        modules = baseline_modules(Path(tmp))
-        new_times, base_times = [], []
-        for _ in range(rounds):
-            took, prints = _catch_up(Meter, MeterConfig, make_load, meters, days)
-            new_times.append(took)
-            if modules is not None:
-                old_meter, old_load = modules
-                base_took, base_prints = _catch_up(
-                    old_meter.Meter, old_meter.MeterConfig, old_load.make_load, meters, days
-                )
-                if base_prints != prints:
-                    raise SystemExit("(c) catch-up: the new code and the baseline disagree on the meters' state")
-                base_times.append(base_took)
+    new_times, base_times = [], []
+    for _ in range(rounds):
+        took, prints = _catch_up(None, meters, days)
+        new_times.append(took)
+        base_took, base_prints = _catch_up(BASELINE_STEP, meters, days)
+        if base_prints != prints:
+            raise SystemExit("(c) catch-up: one jump and slot-by-slot stepping disagree on the meters' state")
+        base_times.append(base_took)
     per_day = min(new_times) * 1000 / (meters * days)
-    if modules is None:
-        print(f"(c) catch-up: {per_day:.3f} ms CPU per residential meter-day; baseline skipped (no git)")
-        return per_day, None
     base_per_day = min(base_times) * 1000 / (meters * days)
     ratio = base_per_day / per_day if per_day > 0 else float("inf")
     print(
         f"(c) catch-up: {meters} residential meters, {days} simulated days in one jump each, best of {rounds} "
-        f"alternating rounds: {per_day:.3f} ms CPU per meter-day; baseline {BASELINE_COMMIT[:7]} (per 15-minute "
-        f"slot) {base_per_day:.3f} ms; ratio baseline/new {ratio:.1f}x; same registers, money, freezes and records"
+        f"alternating rounds: {per_day:.3f} ms CPU per meter-day; baseline (the same meters advanced per "
+        f"15-minute slot) {base_per_day:.3f} ms; ratio baseline/new {ratio:.1f}x; same registers, money, "
+        "freezes and records"
     )
     return per_day, ratio
 
