@@ -526,3 +526,55 @@ def test_encode_passwords():
     assert bytes.fromhex(wire)[14:18] == bytes((0x98 + 0x33, 0x32, 0x32, 0x32))  # 98 FF FF FF, +33
     result = CliRunner().invoke(cli, ["encode", "write", "1", "04001001", "1", "--password", "12345A"])
     assert result.exit_code == 2 and "6 decimal digits" in result.output
+
+
+@pytest.mark.parametrize(
+    ("options", "blamed"),
+    [
+        (["--level", "99", "--mac", "12"], "--mac"),  # not 4 bytes
+        (["--level", "99", "--mac", "0102030405"], "--mac"),
+        (["--level", "99", "--mac", "XYZ"], "--mac"),
+        (["--level", "99"], "--mac"),  # level 99 carries a MAC: a frame without one is unreadable
+        (["--level", "04", "--mac", "01020304"], "--mac"),  # plaintext levels carry none
+        (["--level", "98"], "--level"),  # ciphertext: only with --raw
+        (["--level", "ZZ"], "--level"),
+        (["--operator", "1"], "--operator"),
+        (["--edition", "1997", "--mac", "01020304"], "--mac"),
+    ],
+)
+def test_encode_write_option_mistakes_name_the_option(options: list[str], blamed: str):
+    di = "C010" if "1997" in options else "04001001"
+    result = CliRunner().invoke(cli, ["encode", "write", *options, "003411001043", di, "20"])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {blamed}" in result.output
+    assert ("Traceback" not in result.output and result.exception is None) or isinstance(result.exception, SystemExit)
+
+
+def test_encode_write_mac_levels_build_what_decode_reads():
+    for level in ("99", "97"):
+        wire = encode("write", "003411001043", "04001001", "20", "--level", level, "--mac", "0A0B0C0D")
+        code, [obj] = run("decode", wire)
+        assert code == 0 and obj["mac"] == "0A0B0C0D" and obj["password_level"] == int(level)
+    wire = encode("write", "003411001043", "04001001", "AABBCCDD", "--level", "98", "--raw", "--mac", "01020304")
+    code, [obj] = run("decode", wire)
+    assert obj["length"] == 12 + 4 + 4 and obj["password_level"] == 98
+
+
+def test_encode_trip_auto_restore_needs_a_restore_delay():
+    """FW-A refuses N2 = 0 for 0x1D/0x1E (dlt645.md §4.1); --force builds it anyway."""
+    result = CliRunner().invoke(cli, ["encode", "relay", "000000000001", "trip-auto-restore"])
+    assert result.exit_code == 2 and "Invalid value for --n2" in result.output
+    wire = encode("relay", "000000000001", "trip-auto-restore-alt", "--n2", "3")
+    code, [obj] = run("decode", wire)
+    assert code == 0 and obj["relay_command"] == 0x1E
+    forced = CliRunner().invoke(cli, ["encode", "relay", "000000000001", "trip-auto-restore", "--force"])
+    assert forced.exit_code == 0
+
+
+def test_decode_errors_all_carry_an_error_type():
+    code, objs = run("decode", "68AAAAAAAAAAAA68110433333433AE16", "0011")
+    assert code == 1 and objs[1]["error_type"] == "StrayBytes" and objs[1]["offset"] == 16
+    code, [obj] = run("decode", "zz")
+    assert code == 1 and obj["error_type"] == "InputError"
+    code, [obj] = run("decode", "FEFE")
+    assert code == 1 and obj["error_type"] == "InputError"

@@ -64,7 +64,7 @@ def decode(hex_frames: tuple[str, ...], edition: str | None) -> None:
     try:
         raw = _hex_bytes(text)
     except ValueError as exc:
-        click.echo(dumps({"error": str(exc)}))
+        click.echo(dumps({"error": str(exc), "error_type": "InputError"}))
         sys.exit(1)
     failed = False
     count = 0
@@ -73,7 +73,7 @@ def decode(hex_frames: tuple[str, ...], edition: str | None) -> None:
         failed = failed or "error" in obj
         click.echo(dumps(obj))
     if count == 0:
-        click.echo(dumps({"error": "no frame in input"}))
+        click.echo(dumps({"error": "no frame in input", "error_type": "InputError"}))
         sys.exit(1)
     if failed:
         sys.exit(1)
@@ -96,6 +96,7 @@ def _decode_all(raw: bytes, forced: Edition | None) -> Iterator[dict[str, Any]]:
             yield {
                 "error": f"unexpected byte {raw[i]:02X}, expected 68 or FE"
                 + (f" ({junk_end - i} bytes skipped)" if junk_end - i > 1 else ""),
+                "error_type": "StrayBytes",
                 "offset": i,
             }
             i = j
@@ -208,6 +209,10 @@ def encode_read(address: str, di: str, preamble: int, edition: str) -> None:
 
 def _password(level: str, password: str) -> Password:
     """``--level`` / ``--password``: 6 decimal digits, or any 6 hex digits at 96..99 (ignored there)."""
+    if not re.fullmatch(r"[0-9A-Fa-f]{1,2}", level):
+        raise click.BadParameter(
+            f"{level!r} is not a password level (one hex byte: 02, 04, 99, 98...)", param_hint="--level"
+        )
     try:
         pwd = Password(int(level, 16), password)
     except (ValueError, Dlt645Error) as exc:
@@ -224,7 +229,11 @@ def _password(level: str, password: str) -> Password:
 @click.option("--level", default="04", show_default=True, help="Password level PA, hex (02, 04, 99, 98...).")
 @click.option("--password", default="000000", show_default=True, help="6-digit password.")
 @click.option("--operator", default="00000000", show_default=True, help="Operator code, 8 hex digits.")
-@click.option("--mac", default=None, help="4-byte MAC (8 hex digits) appended for level 99.")
+@click.option(
+    "--mac",
+    default=None,
+    help="4-byte MAC (8 hex digits) appended to the data: required at level 99/97, allowed at 98/96 only.",
+)
 @click.option("--raw", is_flag=True, help="VALUE is the value bytes in hex, not a value to encode.")
 @click.option("--force", is_flag=True, help="Build the write even if the DI table says the DI is read-only.")
 @_preamble_option
@@ -251,6 +260,9 @@ def encode_write(
     ed = Edition(edition)
     function = 0x14 if ed is Edition.V2007 else 0x04
     addr, di_value, pwd = _address(address, function, ed), _di(di, ed), _password(level, password)
+    if ed is Edition.V2007 and not re.fullmatch(r"[0-9A-Fa-f]{8}", operator):
+        raise click.BadParameter(f"operator code {operator!r} is not 8 hex digits", param_hint="--operator")
+    mac_bytes = _mac(mac, pwd.level if ed is Edition.V2007 else None, raw)
     known = table_for(ed).get(di_value)
     if known is not None and "w" not in known.access and not force:
         # A user mistake: a meter refuses the write (the simulated firmware with ERR bit 1, "no
@@ -268,8 +280,7 @@ def encode_write(
             except ValueFormatError as exc:
                 spec = "record" if isinstance(item.format, Record) else item.format.spec
                 raise ValueFormatError(f"{value!r} is not a value for {item.code} ({spec}): {exc}") from None
-        if mac:
-            data += _hex_bytes(mac)
+        data += mac_bytes
         if ed is Edition.V2007:
             payload: Any = WriteRequest(di_value, pwd, operator, data)
         else:
@@ -277,6 +288,38 @@ def encode_write(
         _hex_out(encode_payload(addr, payload, preamble=preamble))
     except (Dlt645Error, InvalidOperation, ValueError) as exc:
         raise click.BadParameter(str(exc) or "invalid value", param_hint="VALUE") from None
+
+
+MAC_LEVELS = frozenset({0x99, 0x97})
+"""Password levels whose write carries plaintext + MAC; 98/96 carry ciphertext + MAC (dlt645.md §2.3,
+§5.5; 97/96 are the vendor variant of 99/98, §10)."""
+
+
+def _mac(mac: str | None, level: int | None, raw: bool) -> bytes:
+    """The ``--mac`` bytes for a write at ``level`` (None: a 1997 write, which has no MAC)."""
+    if mac is None:
+        if level in MAC_LEVELS:
+            raise click.BadParameter(
+                f"a level {level:02X} write carries a MAC: pass --mac (8 hex digits)", param_hint="--mac"
+            )
+        if level is not None and level in PSEUDO_LEVELS and not raw:
+            raise click.BadParameter(
+                f"a level {level:02X} write carries ciphertext + MAC, not a plaintext value: pass them with --raw",
+                param_hint="--level",
+            )
+        return b""
+    if level is None:
+        raise click.BadParameter("a DL/T 645-1997 write carries no MAC", param_hint="--mac")
+    if level not in PSEUDO_LEVELS:
+        raise click.BadParameter(f"a level {level:02X} write carries no MAC (only 99/98, 97/96 do)", param_hint="--mac")
+    if level not in MAC_LEVELS and not raw:
+        raise click.BadParameter(
+            f"a level {level:02X} write carries ciphertext + MAC, not a plaintext value: pass them with --raw",
+            param_hint="--level",
+        )
+    if not re.fullmatch(r"[0-9A-Fa-f]{8}", re.sub(r"\s", "", mac)):
+        raise click.BadParameter(f"{mac!r} is not a 4-byte MAC (8 hex digits)", param_hint="--mac")
+    return bytes.fromhex(re.sub(r"\s", "", mac))
 
 
 @encode.command("read-address")
@@ -323,8 +366,9 @@ _ACTIONS = {c.name.lower().replace("_", "-"): c for c in RelayCommand}
     type=click.IntRange(0, 255),
     default=0,
     show_default=True,
-    help="N2: for trip-auto-restore, the restore delay in 5-minute units.",
+    help="N2: for trip-auto-restore, the restore delay in 5-minute units (at least 1).",
 )
+@click.option("--force", is_flag=True, help="Build the frame even if a meter would refuse it (N2 = 0).")
 @click.option("--level", default="02", show_default=True, help="Password level PA, hex.")
 @click.option("--password", default="000000", show_default=True)
 @click.option("--operator", default="00000000", show_default=True)
@@ -339,8 +383,13 @@ def encode_relay(
     password: str,
     operator: str,
     preamble: int,
+    force: bool,
 ) -> None:
     """Plaintext relay control (0x1C): trip, close, alarm, power hold."""
+    command = _ACTIONS[action]
+    if command in (RelayCommand.TRIP_AUTO_RESTORE, RelayCommand.TRIP_AUTO_RESTORE_ALT) and n2 == 0 and not force:
+        # FW-A refuses N2 = 0: the restore delay is N2 x 5 minutes (dlt645.md §4.1).
+        raise click.BadParameter(f"{action} needs the restore delay: --n2 1..255 (5-minute units)", param_hint="--n2")
     try:
         until = (
             datetime.fromisoformat(valid_until)
@@ -354,7 +403,7 @@ def encode_relay(
     until = until.astimezone(METER_TZ).replace(microsecond=0)
     addr = _address(address, 0x1C)
     try:
-        payload = RelayControlRequest(_password(level, password), operator, _ACTIONS[action], until, n2)
+        payload = RelayControlRequest(_password(level, password), operator, command, until, n2)
         _hex_out(encode_payload(addr, payload, preamble=preamble))
     except Dlt645Error as exc:
         raise click.BadParameter(str(exc)) from None
