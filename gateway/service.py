@@ -25,7 +25,15 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from protocols.dlt645 import DI_2007, METER_TZ, MeterProfile, RelayCommand, SecurityFlags, normalize_address
+from protocols.dlt645 import (
+    DI_2007,
+    METER_TZ,
+    MeterProfile,
+    RelayCommand,
+    RelayExecution,
+    SecurityFlags,
+    normalize_address,
+)
 from protocols.dlt645.errors import Dlt645Error
 from protocols.dlt645.profile import SGCC_2013
 from protocols.esam import MasterStation
@@ -34,7 +42,7 @@ from .client import FRAME_TAP, MeterClient
 from .errors import GatewayError, LinkDown, MeterRefused, NoReply, ReplyMismatch, WrongMeter
 from .ledger import Command, Kind, LeaseLost, NewCommand, State, Store
 from .link import Link, Priority
-from .policy import CustomerFacts, Policy
+from .policy import TRIP_ACTIONS, CustomerFacts, Policy
 
 log = logging.getLogger(__name__)
 
@@ -1013,7 +1021,11 @@ class CommandService:
             return
         status = (await self.client(entry).read(0x04000503)).value
         fields = dict(status.fields) if hasattr(status, "fields") else {}
-        ok, why = _relay_confirmed(action, fields, None)
+        ok, why = _relay_confirmed(action, fields, None, replied=False)
+        if not ok and action in TRIP_ACTIONS and fields.get("pre_trip_alarm"):
+            # A trip delay may be running from an earlier attempt, or the alarm was on before:
+            # the status word cannot tell, so neither "done" nor "not done" (a person looks).
+            final, why = State.UNKNOWN, "pre-trip alarm on: a delayed trip may be pending, or the alarm was already on"
         outcome = {
             "status_word_3": getattr(status, "raw", None),
             "relay_open": fields.get("relay_open"),
@@ -1234,11 +1246,25 @@ def _ended_at(command: Command) -> datetime:
     return command.updated_at or command.created_at
 
 
-def _relay_confirmed(action: str, f: dict[str, Any], execution: Any) -> tuple[bool, str]:
-    """Whether status word 3 shows what ``action`` should have done (dlt645.md §3.4)."""
+TRIP_DELAYED = RelayExecution.DELAYED_TRIP | RelayExecution.DELAYED_TRIP_LARGE_CURRENT
+
+
+def _relay_confirmed(action: str, f: dict[str, Any], execution: Any, replied: bool = True) -> tuple[bool, str]:
+    """Whether status word 3 shows what ``action`` should have done (dlt645.md §3.4).
+
+    ``replied``: the meter's normal reply to this very command was seen (``execution`` is its
+    execution word, None in the short reply form). A trip waiting out its trip delay or the
+    large-current delay shows only the pre-trip alarm bit (§1.5 of prepaid.md): that counts only
+    with the meter's own reply, since the alarm may have been on before (alarm-on, alarm 2).
+    """
     if action in ("trip", "trip-auto-restore", "trip-auto-restore-alt"):
-        ok = bool(f.get("relay_trip_commanded")) or bool(f.get("pre_trip_alarm"))
-        return ok, "trip commanded" if ok else "status word shows no trip"
+        if f.get("relay_trip_commanded"):
+            return True, "trip commanded"
+        if execution is not None and int(execution) & TRIP_DELAYED:
+            return True, "trip accepted, delayed (trip delay or large current)"
+        if replied and f.get("pre_trip_alarm"):
+            return True, "trip accepted, pending its delay (pre-trip alarm on)"
+        return False, "status word shows no trip"
     if action == "direct-close":
         ok = not f.get("relay_open", True)
         return ok, "relay closed" if ok else "relay still open (the wallet may forbid closing)"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import asyncio
+from datetime import datetime, timedelta
 
 import pytest
 from simline import SimLineTransport
@@ -10,8 +11,8 @@ from simline import SimLineTransport
 from gateway.ledger import State, Store
 from gateway.link import Link, LinkConfig
 from gateway.policy import Policy
-from gateway.service import CommandService, MeterEntry
-from protocols.dlt645 import METER_TZ
+from gateway.service import CommandService, MeterEntry, _relay_confirmed
+from protocols.dlt645 import METER_TZ, RelayExecution
 from simulator.clock import VirtualClock
 from simulator.fleet import BusSpec, Fleet, MeterSpec
 
@@ -67,3 +68,47 @@ async def test_close_allowed_that_did_not_take_is_not_confirmed(rig, monkeypatch
     allowed = await run(store, service, "allow", "close-allowed")
     assert allowed.state is State.FAILED
     assert (await store.events(command_id=allowed.id))[-1].detail["reason"] == "a trip is still commanded"
+
+
+async def test_a_trip_is_not_confirmed_by_an_alarm_that_was_already_on(rig, monkeypatch):
+    """An alarm-on earlier leaves status word 3's pre-trip alarm bit set; a trip whose frame never
+    reached the meter must not read as done because of it (it ends ``unknown``: the bit could also
+    be a delayed trip of an earlier attempt, a person looks). Sent and answered, it is confirmed."""
+    from gateway.link import Link as LinkClass
+
+    clock, fleet, store, service = rig
+    assert (await run(store, service, "alarm", "alarm-on")).state is State.CONFIRMED
+    original = LinkClass.transact
+    blocked = True
+
+    async def lose_relay_frames(self, address, payload, *args, **kwargs):
+        if blocked and getattr(payload, "FUNCTION", None) == 0x1C:
+            from gateway.errors import NoReply
+
+            raise NoReply(address, "function 0x1C", 3)
+        return await original(self, address, payload, *args, **kwargs)
+
+    monkeypatch.setattr(LinkClass, "transact", lose_relay_frames)
+    until = clock.now() + timedelta(seconds=2)
+    cmd, _ = await service.submit("trip-lost", "relay", A, {"action": "trip"}, "ops", valid_until=until)
+    for _ in range(200):
+        clock.advance(timedelta(seconds=1))
+        await asyncio.sleep(0.01)
+        got = await store.get(cmd.id)
+        if got.state.final:
+            break
+    got = await store.get(cmd.id)
+    assert fleet.state(A)["relay"] == "closed"
+    assert got.state is State.UNKNOWN, await store.events(command_id=cmd.id)
+    blocked = False
+    assert (await run(store, service, "trip-ok", "trip")).state is State.CONFIRMED
+    assert fleet.state(A)["relay"] == "open"
+
+
+def test_relay_confirmed_reads_the_pre_trip_alarm_only_with_the_meters_reply():
+    alarm = {"pre_trip_alarm": True, "relay_trip_commanded": False}
+    assert _relay_confirmed("trip", alarm, None, replied=True)[0]  # short reply form, trip delay running
+    assert not _relay_confirmed("trip", alarm, None, replied=False)[0]
+    assert _relay_confirmed("trip", {}, RelayExecution.DELAYED_TRIP_LARGE_CURRENT)[0]
+    assert not _relay_confirmed("trip", {"pre_trip_alarm": False}, RelayExecution.DIRECT_TRIP)[0]
+    assert _relay_confirmed("trip", {"relay_trip_commanded": True}, None, replied=False)[0]
