@@ -449,7 +449,11 @@ def test_reference_2007_di_present(code: str) -> None:
 
 SECTION_3 = Path(__file__).parent / "data" / "dlt645_section3.md"
 """A verbatim copy of dlt645.md §3 (the reference is outside this repository)."""
-REFERENCE_MD = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dlt645.md"
+REFERENCE_CANDIDATES = (
+    Path(__file__).resolve().parents[2] / "shared" / "reference" / "dlt645.md",  # beside the project
+    Path("/work/shared/reference/dlt645.md"),  # the workplace's copy, for a clone elsewhere
+)
+REFERENCE_MD = next((p for p in REFERENCE_CANDIDATES if p.exists()), REFERENCE_CANDIDATES[0])
 
 _L, _R = r"(?<![0-9A-Za-z])", r"(?![0-9A-Za-z])"
 _DI = re.compile(_L + r"[0-9A-F]{8}" + _R)  # 00900200
@@ -529,6 +533,7 @@ def test_every_event_class_of_section_3_has_a_count_and_records(prefix: str) -> 
     assert last is not None and "record" in last.name.lower(), f"{prefix}01 (last record) is missing"
 
 
+@pytest.mark.allow_skip  # the reference lies outside the repository: a clone elsewhere may not have it
 def test_the_copy_of_section_3_is_the_reference() -> None:
     """tests/data/dlt645_section3.md is §3 of the reference as it is now (where it is at hand)."""
     if not REFERENCE_MD.exists():
