@@ -427,3 +427,18 @@ def test_cli_passes_mode_balance_and_load_to_the_fleet() -> None:
     assert bad.exit_code == 1 and "needs at most 2 decimals" in bad.output
     bad = CliRunner().invoke(sim, ["--meters", "2", "--tcp", "127.0.0.1:0", "--load", "nuclear"])
     assert bad.exit_code == 2 and "nuclear" in bad.output
+
+
+# --- the pty line says whether the bus emulates line timing ---------------------------------------------
+
+
+async def test_the_pty_description_tells_whether_line_timing_is_emulated() -> None:
+    from simulator.bus import LineTiming
+    from simulator.transports.pty import open_pty_bus
+
+    fleet = fleet_of(doc())  # timing = false
+    bus = fleet.buses["b"]
+    async with open_pty_bus(bus) as endpoint:
+        assert "no line timing" in endpoint.description and "emulated" not in endpoint.description
+        bus.timing = LineTiming(baud=2400)
+        assert "line timing emulated by the bus" in endpoint.description

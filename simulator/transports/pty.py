@@ -57,7 +57,8 @@ class PtyEndpoint:
 
     @property
     def description(self) -> str:
-        return f"pty {self.device_path} (bus {self.bus.name}, 8N1, timing emulated by the bus)"
+        timing = "line timing emulated by the bus" if self.bus.timing.enabled else "no line timing"
+        return f"pty {self.device_path} (bus {self.bus.name}, 8N1, {timing})"
 
     def __str__(self) -> str:
         return self.description
