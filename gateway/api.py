@@ -174,7 +174,14 @@ class RelayParams(_Strict):
         description="What the relay should do.", examples=["trip", "direct-close"]
     )
     n2: int = Field(0, ge=0, le=255, description="Trip delay code N2 (0..255).")
-    arrears: bool = Field(False, description="A trip for arrears: grace period and notice rules apply.")
+    arrears: bool | None = Field(
+        None,
+        description=(
+            "true: a trip for arrears (the grace period after zero and the notice rules apply); false: a trip "
+            "for another reason, e.g. safety or move-out (neither applies); omitted: the grace period still "
+            "applies, the notice rule does not."
+        ),
+    )
 
 
 class TouZone(_Strict):

@@ -111,8 +111,16 @@ class Policy:
                     found.append(candidate)
         return min(found) if found else None
 
-    def check_relay(self, action: str, facts: CustomerFacts, now: datetime, *, arrears: bool = False) -> Refusal | None:
-        """None if the relay action may be sent now, else the refusal."""
+    def check_relay(
+        self, action: str, facts: CustomerFacts, now: datetime, *, arrears: bool | None = None
+    ) -> Refusal | None:
+        """None if the relay action may be sent now, else the refusal.
+
+        ``arrears``: True for a trip for arrears (grace period and notice rules apply), False for
+        one that is not (safety, move-out, test: neither applies), None when the caller did not
+        say: then the grace period after zero still applies (a trip just after the balance ran
+        out is one for arrears, whoever sends it), the notice rule does not.
+        """
         if action not in TRIP_ACTIONS:
             return None  # closing, alarms and power hold are always allowed
         if facts.power_hold:
@@ -120,11 +128,11 @@ class Policy:
         why = self.quiet(now)
         if why is not None:
             return Refusal("quiet_hours", f"no trips in quiet hours: {why}")
-        if arrears and facts.zero_since is not None and now < facts.zero_since + self.grace:
+        if arrears is not False and facts.zero_since is not None and now < facts.zero_since + self.grace:
             until = (facts.zero_since + self.grace).astimezone(self.tz)  # type: ignore[arg-type]
             reason = f"balance reached zero less than {self.grace} ago (trip from {until:%Y-%m-%d %H:%M})"
             return Refusal("grace_period", reason)
-        if arrears and self.require_notice:
+        if arrears is True and self.require_notice:
             if facts.notice_sent is None:
                 return Refusal("notice", "no disconnection notice was sent")
             period = self.notice_residential if facts.residential else self.notice_other

@@ -375,7 +375,11 @@ class CommandService:
             n2 = p.get("n2", 0)
             if isinstance(n2, bool) or not isinstance(n2, int) or not 0 <= n2 <= 255:
                 raise InvalidCommand(f"n2 must be an integer 0..255, not {n2!r}")
-            out_relay: dict[str, Any] = {"action": action, "n2": n2, "arrears": _flag(p, "arrears")}
+            # arrears: True (a trip for arrears: grace period and notice rules), False (not for
+            # arrears, e.g. safety or move-out: neither), absent (None: the grace period still
+            # applies, prepaid.md §5.2 "grace period after zero"; the notice rule does not).
+            arrears = None if p.get("arrears") is None else _flag(p, "arrears")
+            out_relay: dict[str, Any] = {"action": action, "n2": n2, "arrears": arrears}
             if p.get("restore_for"):
                 out_relay["restore_for"] = str(p["restore_for"])[:64]
             return out_relay
@@ -963,7 +967,7 @@ class CommandService:
         if command.valid_until is not None and now >= command.valid_until:
             await self._not_sent(command, entry, State.FAILED, {"error": "validity ended before it could be sent"})
             return
-        arrears = bool(command.params.get("arrears", False))
+        arrears = command.params.get("arrears")
         if arrears and entry.mode == "remote" and (await self.store.wallet(entry.address) or 0) > 0:
             # Paid since the trip was submitted (it may have waited out quiet hours): never trip.
             reason = "the wallet is above zero again: the arrears are paid"

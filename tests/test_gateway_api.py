@@ -408,7 +408,7 @@ def test_other_kinds_are_recorded_normalised(api: Api):
     relay = api.post({"kind": "relay", "address": "1", "params": {"action": "trip"}})
     assert relay.status_code == 201
     assert relay.json()["address"] == A1  # short addresses are padded
-    assert relay.json()["params"] == {"action": "trip", "n2": 0, "arrears": False}
+    assert relay.json()["params"] == {"action": "trip", "n2": 0, "arrears": None}
     assert relay.json()["valid_until"] is not None  # relay commands expire (30 minutes)
     tariff = api.post(
         {"kind": "tariff", "address": A2, "params": {"prices": ["0.5883", 0.2883], "switch_at": "2030-01-01T00:00Z"}}

@@ -193,7 +193,7 @@ def test_quiet_start_equal_to_quiet_end_means_no_nightly_quiet_hours():
 # --- grace period after zero ------------------------------------------------------------------------------
 
 
-def test_grace_period_after_zero_refuses_arrears_trips_only():
+def test_grace_period_after_zero_refuses_every_trip_not_declared_otherwise():
     policy = Policy()  # 48 h
     now = at(TUE, 11)
     recent = CustomerFacts(zero_since=now - timedelta(hours=47, minutes=59, seconds=59))
@@ -201,7 +201,10 @@ def test_grace_period_after_zero_refuses_arrears_trips_only():
     assert refusal is not None and refusal.rule == "grace_period"
     assert "trip from 2026-11-24 11:00" in refusal.reason
     assert rule(policy, now, CustomerFacts(zero_since=now - timedelta(hours=48)), arrears=True) is None  # boundary
-    assert rule(policy, now, recent) is None  # a trip that is not for arrears: no grace
+    # A trip that does not say why is refused too: just after the balance ran out it is one for
+    # arrears, whoever sends it (an operator's manual trip). Declared not for arrears, it may go.
+    assert rule(policy, now, recent) == "grace_period"
+    assert rule(policy, now, recent, arrears=False) is None
     assert rule(policy, now, CustomerFacts(), arrears=True) is None  # the balance never reached zero
     assert rule(policy, now, recent, arrears=True, action="trip-auto-restore") == "grace_period"
 
@@ -490,7 +493,11 @@ async def test_grace_period_through_the_service(make_rig: RigFactory):
     arrears, events = await rig.done(await rig.trip("arrears-1", arrears=True))
     assert arrears.state is State.REFUSED and refused_by(events)[0] == "grace_period"
     assert rig.line.written == [] and rig.relay() == "closed"
-    manual, events = await rig.done(await rig.trip("manual-1"))  # not for arrears: grace does not apply
+    # An operator's trip that does not say why: just after zero it is an arrears trip, refused too.
+    unsaid, events = await rig.done(await rig.trip("manual-0"))
+    assert unsaid.state is State.REFUSED and refused_by(events)[0] == "grace_period"
+    assert rig.line.written == [] and rig.relay() == "closed"
+    manual, events = await rig.done(await rig.trip("manual-1", arrears=False))  # declared not for arrears
     assert manual.state is State.CONFIRMED, events[-1].detail
     close, _ = await rig.done(await rig.trip("close-1", action="direct-close"))
     assert close.state is State.CONFIRMED and rig.relay() == "closed"
