@@ -52,6 +52,8 @@ CURRENT_SET_POLLS = 5
 """Reads (a second apart) waiting for a tariff switched in at once to show in the current set."""
 DEFAULT_VALIDITY = timedelta(minutes=30)
 """Interactive commands may execute for 30 minutes, then never (prepaid.md §5.3 [A])."""
+MAX_RELAY_VALIDITY = timedelta(hours=24)
+"""The longest validity a relay command may ask for (prepaid.md §5.3 [A], the batch SLA)."""
 BATCH_VALIDITY = timedelta(hours=24)
 """Relay commands of a batch may execute for 24 hours (prepaid.md §5.3 [A]: the queue SLA of a
 rate-limited batch is longer than an interactive command's)."""
@@ -461,6 +463,20 @@ class CommandService:
             raise InvalidCommand("valid_until is in the past")
         if not_before is not None and not_before.tzinfo is None:
             raise InvalidCommand("not_before needs a time zone")
+        if (
+            kind is Kind.RELAY
+            and valid_until is not None
+            and valid_until > max(now, not_before or now) + MAX_RELAY_VALIDITY
+        ):
+            # A trip that may still run days from now is what validity ends exist to prevent
+            # (prepaid.md §5.3: 30 min interactive, 24 h for a batch).
+            first = await self.store.get_by_key(key) if key is not None else None
+            if first is not None:
+                return first, False
+            raise InvalidCommand(
+                f"a relay command may be valid for at most {MAX_RELAY_VALIDITY.total_seconds() / 3600:g} hours "
+                "(from not_before, or from now)"
+            )
         if key is None:
             key = await self._derived_key(kind, entry.address, clean, valid_until, not_before, now)
         if kind is Kind.RELAY and valid_until is None:

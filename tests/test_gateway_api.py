@@ -327,6 +327,10 @@ def test_amounts_as_strings_or_exact_numbers(api: Api, sent: Any, recorded: int)
         pytest.param(topup(extra="field"), id="unknown-field"),
         pytest.param({"kind": "relay", "address": A1, "params": {"action": "explode"}}, id="relay-action"),
         pytest.param({"kind": "relay", "address": A1, "params": {"action": "trip", "n2": 256}}, id="relay-n2"),
+        pytest.param(
+            {"kind": "relay", "address": A1, "params": {"action": "trip"}, "valid_until": "2099-01-01T00:00:00+08:00"},
+            id="relay-valid-for-decades",
+        ),
         pytest.param({"kind": "tariff", "address": A1, "params": {"prices": []}}, id="tariff-empty"),
         pytest.param({"kind": "tariff", "address": A1, "params": {"prices": ["0.12345"]}}, id="tariff-decimals"),
         pytest.param({"kind": "tariff", "address": A1, "params": {"prices": ["1"] * 13}}, id="tariff-13"),
@@ -392,6 +396,15 @@ def test_bad_input_messages_say_what_is_wrong(api: Api):
     assert "timezone" in detail(topup(valid_until="2030-01-01T12:00:00"))
     assert f"meter {UNMANAGED} is not managed" in detail(topup(UNMANAGED))
     assert "valid_until is in the past" in detail(topup(valid_until="2001-01-01T00:00:00Z"))
+    late = (datetime.now(UTC) + timedelta(hours=24, minutes=5)).isoformat()
+    assert "at most 24 hours" in detail(
+        {"kind": "relay", "address": A1, "params": {"action": "trip"}, "valid_until": late}
+    )
+    soon = (datetime.now(UTC) + timedelta(hours=23)).isoformat()
+    assert (
+        api.post({"kind": "relay", "address": A1, "params": {"action": "alarm-on"}, "valid_until": soon}).status_code
+        == 201
+    )
     assert "'credit'" in detail({"kind": "credit", "address": A1, "params": {}})
 
 
