@@ -251,14 +251,18 @@ class TariffParams(_Strict):
     )
     prices: list[Price] | None = Field(None, min_length=1, max_length=12, description="Prices T1..Tn in yuan/kWh.")
     switch_at: AwareDatetime | None = Field(
-        None, description="When the new prices take effect (ISO 8601 with a time zone; default: in a minute)."
+        None,
+        description="When the new prices take effect (ISO 8601 with a time zone, not in the past; default: in a "
+        "minute); also the switch time of the steps and TOU schedule given without their own.",
     )
     steps: dict[str, Any] | None = Field(
         None,
         description="Step (ladder) table for the backup set: thresholds (6 kWh values, 0 = unused), prices "
         "(7 increments, yuan/kWh), settlement_dates (up to 4 {month, day, hour}; 99 = unset).",
     )
-    steps_switch_at: AwareDatetime | None = Field(None, description="When the new step table takes effect.")
+    steps_switch_at: AwareDatetime | None = Field(
+        None, description="When the new step table takes effect (default: switch_at, else in a minute)."
+    )
     tou: TouScheduleParams | None = Field(
         None,
         description="TOU schedule for the backup set (time-zone table 04020000, day tables 04020001..08): which "
@@ -267,7 +271,7 @@ class TariffParams(_Strict):
     tou_switch_at: AwareDatetime | None = Field(
         None,
         description="When the new TOU schedule takes effect (the time-zone and day-table switch times "
-        "04000106/04000107; default: in a minute).",
+        "04000106/04000107; default: switch_at, else in a minute).",
     )
     set: Literal["backup", "current"] = Field(
         "backup",

@@ -52,6 +52,7 @@ CURRENT_SET_POLLS = 5
 """Reads (a second apart) waiting for a tariff switched in at once to show in the current set."""
 DEFAULT_VALIDITY = timedelta(minutes=30)
 """Interactive commands may execute for 30 minutes, then never (prepaid.md §5.3 [A])."""
+SWITCH_FIELDS = ("switch_at", "steps_switch_at", "tou_switch_at")
 MAX_RELAY_VALIDITY = timedelta(hours=24)
 """The longest validity a relay command may ask for (prepaid.md §5.3 [A], the batch SLA)."""
 BATCH_VALIDITY = timedelta(hours=24)
@@ -402,6 +403,9 @@ class CommandService:
             if p.get("tou_switch_at") is not None and tou is None:
                 raise InvalidCommand("tou_switch_at is the switch time of a tou schedule, which is not given")
             out: dict[str, Any] = {"set": target}
+            # switch_at is the switch time of every table given; steps_switch_at and tou_switch_at
+            # give one table its own.
+            common = p.get("switch_at")
             if prices is not None:
                 if not isinstance(prices, list) or not 1 <= len(prices) <= 12:
                     raise InvalidCommand("prices must be a list of 1..12 prices (T1..Tn)")
@@ -410,10 +414,10 @@ class CommandService:
             if steps is not None:
                 out["steps"] = _steps(steps)
                 _encodable(0x040605FF, _steps_value(out["steps"]), "steps")
-                out["steps_switch_at"] = _switch_time(p.get("steps_switch_at"), "steps_switch_at")
+                out["steps_switch_at"] = _switch_time(p.get("steps_switch_at", common), "steps_switch_at")
             if tou is not None:
                 out["tou"] = _tou(tou)
-                out["tou_switch_at"] = _switch_time(p.get("tou_switch_at"), "tou_switch_at")
+                out["tou_switch_at"] = _switch_time(p.get("tou_switch_at", common), "tou_switch_at")
             return out
         if kind is Kind.PARAMS:
             unknown = set(p) - set(PARAM_DIS)
@@ -463,6 +467,18 @@ class CommandService:
             raise InvalidCommand("valid_until is in the past")
         if not_before is not None and not_before.tzinfo is None:
             raise InvalidCommand("not_before needs a time zone")
+        past = (
+            [f for f in SWITCH_FIELDS if clean.get(f) and datetime.fromisoformat(clean[f]) < now]
+            if kind is Kind.TARIFF
+            else []
+        )
+        if past:
+            first = await self.store.get_by_key(key) if key is not None else None
+            if first is not None:
+                return first, False  # a re-sent command: the first one
+            raise InvalidCommand(
+                f'{past[0]} is in the past: the meter would switch at once; send set "current" for that'
+            )
         if (
             kind is Kind.RELAY
             and valid_until is not None

@@ -105,6 +105,9 @@ async def test_steps_only(rig):
         {"steps": {**STEPS, "settlement_dates": [{"month": 13, "day": 1, "hour": 0}]}},
         {"steps": STEPS, "steps_switch_at": "2026-12-01T00:00"},
         {"prices": ["0.5"], "colour": "red"},
+        {"prices": ["0.5"], "switch_at": (START - timedelta(minutes=1)).isoformat()},  # in the past
+        {"steps": STEPS, "switch_at": "2001-01-01T00:00+08:00"},
+        {"prices": ["0.5"], "steps": STEPS, "steps_switch_at": (START - timedelta(days=1)).isoformat()},
     ],
 )
 async def test_bad_tariffs_are_refused_before_anything_is_recorded(rig, params):
@@ -423,3 +426,23 @@ def test_the_tariff_cli_sends_a_tou_schedule(monkeypatch):
     alone = CliRunner().invoke(cli_service.tariff, [A, "--key", "k", "--tou-switch-at", "2027-01-01T00:00+08:00"])
     assert alone.exit_code != 0 and "--tou-switch-at needs --tou" in alone.output
     assert len(sent) == 2
+
+
+async def test_one_switch_at_is_the_switch_time_of_every_table_given(rig):
+    """``switch_at`` with prices and steps switches both then (not the steps in a minute)."""
+    clock, fleet, store, service = rig
+    switch = START + timedelta(days=3)
+    cmd, _ = await service.submit(
+        "t-both", "tariff", A, {"prices": ["0.6000"], "steps": STEPS, "switch_at": switch.isoformat()}, "tariff-team"
+    )
+    assert cmd.params["steps_switch_at"] == cmd.params["switch_at"] == switch.isoformat()
+    await service.drain()
+    assert (await store.get(cmd.id)).state is State.CONFIRMED
+    clock.advance(timedelta(hours=2))
+    fleet.meter(A).meter.advance(clock.now())
+    tariff = fleet.meter(A).meter.tariff
+    assert tariff.steps.thresholds[:2] != (240000, 400000)  # not switched in after a minute
+    clock.advance(timedelta(days=3))
+    fleet.meter(A).meter.advance(clock.now())
+    assert tariff.steps.thresholds[:2] == (240000, 400000)
+    assert tariff.prices.prices[0] == 6000
