@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import socket
 import sys
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
+from click.core import ParameterSource
 
 from .clock import VirtualClock
 from .fleet import Fleet
@@ -27,6 +31,43 @@ def _host_port(text: str, what: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+MQTT_SCHEMES = ("mqtt", "tcp")
+"""URL schemes ``--mqtt`` accepts: plain MQTT over TCP (no TLS, no websockets)."""
+
+
+def _mqtt_url(text: str) -> str:
+    """Check ``--mqtt``: mqtt://[USER[:PASSWORD]@]HOST[:PORT][/PREFIX]; returns it unchanged."""
+    url = urlsplit(text)
+    if url.scheme not in MQTT_SCHEMES or "://" not in text:
+        raise click.BadParameter(
+            f"{text!r}: the scheme must be mqtt:// (plain MQTT over TCP), e.g. mqtt://127.0.0.1:1883/meterlink/sim",
+            param_hint="--mqtt",
+        )
+    try:
+        url.port  # noqa: B018 (a port out of range or not a number raises)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: the port must be a number in 0..65535", param_hint="--mqtt") from None
+    if not url.hostname:
+        raise click.BadParameter(f"{text!r} names no broker host", param_hint="--mqtt")
+    return text
+
+
+FLAG_FLEET_OPTIONS = ("buses", "baud", "mode", "balance", "load_kind")
+"""Options that describe the fleet ``--meters N`` builds; a scenario file sets them itself."""
+
+
+def _tcp_ports_fit(tcp: tuple[str, int], scenario: Scenario) -> None:
+    """Bus k listens on PORT + k: every one of them must be a TCP port (PORT 0 picks free ones)."""
+    port, n = tcp[1], len(scenario.buses)
+    if port and port + n - 1 > 65535:
+        k = 65536 - port  # the first bus beyond the range
+        raise click.BadParameter(
+            f"bus {scenario.buses[k].name} would listen on port {port + k} (PORT + {k}), beyond 65535; "
+            f"with {n} buses PORT must be at most {65536 - n}",
+            param_hint="--tcp",
+        )
+
+
 @click.command()
 @click.argument("scenario_file", required=False, type=click.Path(dir_okay=False))
 @click.option(
@@ -35,7 +76,13 @@ def _host_port(text: str, what: str) -> tuple[str, int]:
     default=None,
     help="Number of meters (addresses 000000000001 to N), when no scenario file is given.",
 )
-@click.option("--buses", type=click.IntRange(1, 10_000), default=1, show_default=True)
+@click.option(
+    "--buses",
+    type=click.IntRange(1, 10_000),
+    default=1,
+    show_default=True,
+    help="Without a scenario file: the number of buses the meters are spread over.",
+)
 @click.option("--tcp", "tcp", default=None, metavar="HOST:PORT", help="Serve bus k on TCP PORT + k.")
 @click.option("--pty", "pty", is_flag=True, help="Serve each bus on a pseudo-terminal (8N1).")
 @click.option(
@@ -55,7 +102,13 @@ def _host_port(text: str, what: str) -> tuple[str, int]:
 )
 @click.option("--seed", type=int, default=None)
 @click.option("--timing/--no-timing", default=None, help="Emulate wire time and Td (default: on).")
-@click.option("--baud", type=click.Choice(["1200", "2400", "4800", "9600", "19200"]), default="2400", show_default=True)
+@click.option(
+    "--baud",
+    type=click.Choice(["1200", "2400", "4800", "9600", "19200"]),
+    default="2400",
+    show_default=True,
+    help="Without a scenario file: the line speed of every bus (its wire time).",
+)
 @click.option("--start", default=None, help="Virtual start time, ISO 8601 with zone (default: now).")
 @click.option(
     "--mode",
@@ -110,6 +163,20 @@ def sim(
         raise click.UsageError("give either a scenario file or --meters, not both")
     if not (tcp or pty or mqtt):
         raise click.UsageError("choose at least one transport: --tcp HOST:PORT, --pty or --mqtt URL")
+    if scenario_file is not None:
+        ctx = click.get_current_context()
+        given = [
+            f"--{name.removesuffix('_kind').replace('_', '-')}"
+            for name in FLAG_FLEET_OPTIONS
+            if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT
+        ]
+        if given:
+            raise click.UsageError(
+                f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to a fleet built with "
+                "--meters N; a scenario file sets buses, baud, mode, balance and load itself ([[bus]], [defaults])"
+            )
+    if mqtt is not None:
+        _mqtt_url(mqtt)
     start_time = None
     if start is not None:
         try:
@@ -141,11 +208,14 @@ def sim(
     if start_time is not None:
         scenario.start = start_time
     tcp_addr = _host_port(tcp, "--tcp") if tcp else None
+    if tcp_addr is not None:
+        _tcp_ports_fit(tcp_addr, scenario)
     admin_addr = _host_port(admin, "--admin") if admin else None
     try:
         asyncio.run(_run(scenario, tcp_addr, pty, mqtt, dtu, admin_addr, summary_every))
     except OSError as exc:
-        raise click.ClickException(f"cannot start the simulator: {exc.strerror or exc}") from None
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise click.ClickException(f"cannot start the simulator: {reason}") from None
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -172,11 +242,15 @@ async def serve(
             if pty:
                 endpoints.append(open_pty_bus(bus))
         if mqtt is not None:
-            from urllib.parse import urlsplit
-
             url = urlsplit(mqtt)
+            if url.scheme not in MQTT_SCHEMES:
+                raise ValueError(f"--mqtt {mqtt!r}: the scheme must be mqtt://")
             prefix = url.path.strip("/") or "meterlink/sim"
-            endpoints.append(await start_mqtt_bridge(fleet.buses, f"mqtt://{url.netloc}", None, prefix, dtu=dtu))
+            endpoints.append(
+                await start_mqtt_bridge(
+                    fleet.buses, f"{url.scheme}://{url.netloc}", None, prefix, dtu=dtu, fail_fast=True
+                )
+            )
         server = None
         if admin is not None:
             server = await _start_admin(fleet, *admin)
@@ -189,14 +263,24 @@ async def serve(
 
 
 async def _start_admin(fleet: Fleet, host: str, port: int) -> Any:
+    """Serve the admin interface on ``host:port``; raises OSError (with the address) if it cannot listen.
+
+    The socket is bound here, not by uvicorn: uvicorn reports a bind failure with ``sys.exit(3)``
+    inside its task, which escapes the event loop as a traceback.
+    """
     import uvicorn
 
     from .admin import create_app
 
+    try:
+        sock = socket.create_server((host, port))
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise OSError(exc.errno, f"admin interface cannot listen on {host}:{port}: {reason}") from None
     config = uvicorn.Config(create_app(fleet), host=host, port=port, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     for _ in range(200):
         if server.started or task.done():
             break

@@ -245,6 +245,9 @@ class MqttBusBridge:
         self.identifier = identifier or f"meterlink-sim-{uuid.uuid4().hex[:12]}"
         self.stats = MqttBridgeStats()
         self.connected = asyncio.Event()
+        self.last_error: str | None = None
+        """Why the last connection attempt failed (None once connected)."""
+        self._failed = asyncio.Event()  # set by each failed connection attempt
         self._username = username
         self._password = password
         self._clean_session = clean_session
@@ -288,18 +291,35 @@ class MqttBusBridge:
 
     # --- lifecycle --------------------------------------------------------------------
 
-    async def start(self, wait: float | None = 5.0) -> MqttBusBridge:
+    async def start(self, wait: float | None = 5.0, *, fail_fast: bool = False) -> MqttBusBridge:
         """Start the connection loop; wait up to ``wait`` seconds for the first subscription.
 
-        Raises :class:`TimeoutError` if the broker was not reached in time (the loop keeps
-        retrying in the background; call :meth:`aclose` to stop it). ``wait=None`` returns
-        at once.
+        Raises :class:`TimeoutError` if the broker was not reached in time, with the last
+        connection error in its message (the loop keeps retrying in the background; call
+        :meth:`aclose` to stop it). ``fail_fast``: raise :class:`ConnectionError` with the reason
+        as soon as one attempt fails (refused, unknown host) instead of waiting for a retry
+        to succeed. ``wait=None`` returns at once.
         """
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="mqtt-bus-bridge")
-        if wait is not None:
-            await asyncio.wait_for(self.connected.wait(), wait)
-        return self
+        if wait is None:
+            return self
+        where = f"MQTT broker {self.host}:{self.port}"
+        waits = {asyncio.ensure_future(self.connected.wait())}
+        if fail_fast:
+            self._failed.clear()
+            waits.add(asyncio.ensure_future(self._failed.wait()))
+        try:
+            await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if self.connected.is_set():
+            return self
+        if fail_fast and self._failed.is_set():
+            raise ConnectionError(f"{where} not reachable: {self.last_error}")
+        reason = f": {self.last_error}" if self.last_error else ""
+        raise TimeoutError(f"{where} not reached within {wait:g} s{reason}")
 
     async def aclose(self) -> None:
         """Cancel the consumer (disconnecting cleanly), then every per-id worker."""
@@ -346,6 +366,7 @@ class MqttBusBridge:
                     self._client = client
                     await client.subscribe(f"{self.prefix}/+/down", qos=self._qos)
                     self.stats.connects += 1
+                    self.last_error = None
                     backoff = initial
                     self.connected.set()
                     log.info("mqtt bridge connected to %s:%s as %s", self.host, self.port, self.identifier)
@@ -357,6 +378,8 @@ class MqttBusBridge:
                 else:
                     self.stats.connect_failures += 1
                     log.debug("mqtt bridge cannot reach %s:%s: %s", self.host, self.port, exc)
+                self.last_error = str(exc) or type(exc).__name__
+                self._failed.set()
             finally:
                 self._client = None
                 self.connected.clear()
@@ -480,12 +503,13 @@ async def start_mqtt_bridge(
     prefix: str = "meterlink/sim",
     *,
     wait: float | None = 5.0,
+    fail_fast: bool = False,
     **options: object,
 ) -> MqttBusBridge:
-    """Create and start a :class:`MqttBusBridge` (see its options)."""
+    """Create and start a :class:`MqttBusBridge` (see its options and :meth:`MqttBusBridge.start`)."""
     bridge = MqttBusBridge(buses, url_or_host, port, prefix, **options)  # type: ignore[arg-type]
     try:
-        await bridge.start(wait)
+        await bridge.start(wait, fail_fast=fail_fast)
     except BaseException:
         await bridge.aclose()
         raise
