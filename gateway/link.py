@@ -30,6 +30,16 @@ for security commands); whatever arrives meanwhile is discarded and counted
 above still in force). Retries of one request need no guard: a late reply to an earlier
 attempt of the same request is an answer to that very request.
 
+A reply later than the guard would still be taken for the next request's if that request goes
+to the same meter with the same function. So a meter that lost a reply stays *unsynced* until
+a reply that names its request (a read's DI) comes from it; before the next request to it
+whose reply names nothing (a write, a relay command, a clear, a freeze...), the link first
+reads its communication address (04000401; 1997: C032) and sends the request only once that
+read is answered (normally or abnormally: the function tells it from a late reply). A meter
+answers one request after another and the line delivers in order, so whatever it still owed
+the lost request came before that answer and was discarded. The read and its reply are in the
+transaction's frames (the audit trail). It costs one read after a lost reply, nothing otherwise.
+
 **Lost line.** A transport that goes down during a transaction (converter, DTU or broker gone:
 the MQTT and TCP transports raise :class:`~gateway.errors.LinkDown`) is reopened in the
 background with backoff, and the request is sent again once it is back; that does not use up
@@ -72,6 +82,7 @@ from protocols.dlt645 import (
     Frame,
     ReadFollowUpRequest,
     ReadReply,
+    ReadRequest,
     SecurityErrorReply,
     address_matches,
     build_frame,
@@ -79,6 +90,7 @@ from protocols.dlt645 import (
     is_wildcard,
     parse_payload,
 )
+from protocols.dlt645.edition1997 import Read1997Request
 from protocols.dlt645.followup import FollowUpAssembler
 from protocols.dlt645.payloads import Payload
 from protocols.dlt645.relay import RelayErrorReply
@@ -207,6 +219,8 @@ class LinkStats:
     link_errors: int = 0
     guards: int = 0
     """Late-reply guards waited (module docs)."""
+    syncs: int = 0
+    """Address reads before a DI-less request to a meter that lost a reply (module docs)."""
     late_bytes: int = 0
     """Bytes that arrived during a late-reply guard (discarded: a late reply is never matched)."""
     reconnects: int = 0
@@ -289,6 +303,8 @@ class Link:
         self._worker: asyncio.Task[None] | None = None
         self._last_end = 0.0
         self._dirty: tuple[Frame, int | None] | None = None
+        self._unsynced: set[str] = set()
+        """Meters that may still owe a reply (module docs, "Late replies")."""
         """The request (and its baud hint) of the last transaction that lost a reply: the next one guards."""
         self._down_since: float | None = None
         self._down_error: LinkDown | None = None
@@ -460,11 +476,15 @@ class Link:
         request = job.frame
         self._check_deadline(job, request, None)  # expired while queued: not even the guard is waited
         await self._guard()
+        if job.expect_reply and request.address in self._unsynced and not _reply_names_request(request):
+            await self._sync(request, job, frames)
         wire = encode_frame(request.address, request.control.byte, request.data, job.preamble)
         frames.append(wire)
         reply, attempts = await self._send(request, wire, job, frames, job.expect_reply)
         if reply is None:
             return Exchange(request, None, None, frames, attempts)
+        if attempts == 1 and _reply_names_request(request) and not reply.control.abnormal:
+            self._unsynced.discard(request.address)  # it answered a request that its reply names
         payload = parse_payload(reply)
         if isinstance(payload, (ErrorReply, SecurityErrorReply, RelayErrorReply)):
             raise MeterRefused(reply.address, payload.error(), _describe(request), _di(request))
@@ -492,6 +512,7 @@ class Link:
                 reply = await self._attempt(request, wire, job, frames, expect_reply)
             except LinkDown as exc:
                 self._dirty = (request, job.baud)  # the request may have left: its reply may still come
+                self._unsynced.add(request.address)
                 log.info("line %s: %s (attempt %d)", self.name, exc, attempts)
                 self._lost(exc)
                 cause = exc
@@ -499,6 +520,7 @@ class Link:
             except (NoReply, WrongMeter, ReplyMismatch) as exc:
                 self._got_through()
                 self._dirty = (request, job.baud)
+                self._unsynced.add(request.address)
                 failures += 1
                 log.info("line %s: %s (attempt %d of %d)", self.name, exc, failures, job.retries + 1)
                 if failures > job.retries:
@@ -510,6 +532,35 @@ class Link:
                 continue
             self._got_through()
             return reply, attempts
+
+    async def _sync(self, request: Frame, job: _Job, frames: list[bytes]) -> None:
+        """Read the meter's address before ``request`` (module docs, "Late replies"): any reply it
+        still owed comes before the answer and is discarded. Its failure is the request's."""
+        if request.edition is Edition.V1997:
+            read = build_frame(request.address, Read1997Request(SYNC_DI_1997))
+        else:
+            read = build_frame(request.address, ReadRequest(SYNC_DI_2007))
+        wire = encode_frame(read.address, read.control.byte, read.data, job.preamble)
+        frames.append(wire)
+        # Reads are safe to repeat: a meter still busy with the reply it owed may miss the first.
+        retries = max(job.retries, SYNC_RETRIES)
+        sync = _Job(job.priority, -1, read, job.preamble, True, retries, job.future, job.baud, job.deadline)
+        self.stats.syncs += 1
+        try:
+            await self._send(read, wire, sync, frames, True)
+        except Expired as exc:
+            raise Expired(request.address, _describe(request), job.wrote, exc.cause) from None
+        except NoReply as exc:
+            raise NoReply(
+                request.address,
+                f"{_describe(request)} (not sent: the address read before it got no reply)",
+                exc.attempts,
+            ) from None
+        except GatewayError as exc:
+            raise ReplyMismatch(
+                f"meter {request.address}: {_describe(request)} not sent: the address read before it failed: {exc}"
+            ) from None
+        self._unsynced.discard(request.address)
 
     def _check_deadline(self, job: _Job, request: Frame, cause: BaseException | None) -> None:
         """:class:`Expired` if the job's deadline has passed (nothing more of it may be sent)."""
@@ -757,6 +808,20 @@ class Link:
                 last = reply
                 break
         return last, ReadReply(payload.di, asm.value)
+
+
+SYNC_DI_2007 = 0x04000401
+"""Communication address (dlt645.md §3): read before a DI-less request to a meter that lost a reply."""
+SYNC_DI_1997 = 0xC032
+SYNC_RETRIES = 2
+"""At least this many retries for that read, whatever the request's own (it is idempotent)."""
+
+
+def _reply_names_request(request: Frame) -> bool:
+    """Whether a normal reply to ``request`` names it (a read's DI, a security reply's DI)."""
+    if request.edition is Edition.V1997:
+        return request.function in (0x01, 0x02)
+    return request.function in (0x11, 0x12, 0x03)
 
 
 def _is_security(request: Frame) -> bool:

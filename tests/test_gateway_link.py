@@ -418,6 +418,28 @@ async def test_late_relay_ack_is_not_taken_for_the_next_command(fault_line: Link
     assert fault_line.stats.guards == 1 and fault_line.stats.late_bytes > 0
 
 
+async def test_an_ack_later_than_the_guard_is_not_taken_for_the_next_command(fault_line: Link, fleet: Fleet, bus: Bus):
+    """A 0x9C that comes long after the guard (a slow DTU, a busy meter) is still not the next
+    0x1C's reply: the meter that lost a reply is read first (its address, a reply that names its
+    request), and the ack it still owed comes before that read's answer."""
+    client = MeterClient(fault_line, A1, priority=Priority.COMMAND)
+    fault_line.config.retries = 0
+    await client.session()
+    bus.timing = dataclasses.replace(bus.timing, td_min_ms=0, td_max_ms=50)
+    fleet.inject(A1, FaultSpec(Fault.LATE_REPLY, remaining=1, delay_ms=400))  # beyond the ~0.2 s guard
+    with pytest.raises(NoReply):
+        await client.relay(RelayCommand.TRIP)
+    assert fleet.state(A1)["relay"] == "open"
+    reads_before = bus.stats.requests
+    with pytest.raises(MeterRefused, match="refused function 0x1C"):
+        await client.relay(RelayCommand.DIRECT_CLOSE, encrypted=False, level=0x02, password="999999")
+    assert fleet.state(A1)["relay"] == "open"
+    assert fault_line.stats.syncs == 1 and bus.stats.requests >= reads_before + 2  # the read, then the close
+    # Synced again: the next DI-less command goes without a read.
+    await client.relay(RelayCommand.ALARM_ON)
+    assert fault_line.stats.syncs == 1
+
+
 async def test_late_error_reply_is_not_taken_for_the_next_read(fault_line: Link, fleet: Fleet, bus: Bus):
     """An abnormal reply (0xD1 ERR) carries no DI: before the guard, a refusal that came late was
     taken as the refusal of the next read."""
