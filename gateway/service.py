@@ -1020,7 +1020,11 @@ class CommandService:
         try:
             result = await client.relay(RELAY_ACTIONS[action], until, n2=int(command.params.get("n2", 0)))
         except MeterRefused as refused:
-            await self._move(command, State.REFUSED, detail={"error": str(refused), "by": "meter"})
+            detail: dict[str, Any] = {"error": str(refused), "by": "meter"}
+            hint = await self._clock_hint(client, until)
+            if hint is not None:
+                detail["reason"] = hint
+            await self._move(command, State.REFUSED, detail=detail)
             return
         status = (await client.read(0x04000503)).value
         fields = dict(status.fields) if hasattr(status, "fields") else {}
@@ -1217,6 +1221,23 @@ class CommandService:
             State.CONFIRMED if ok else State.FAILED,
             result=result,
             detail={"verified": ok, "reason": _verdict(ok, verify_only)},
+        )
+
+    async def _clock_hint(self, client: MeterClient, until: datetime) -> str | None:
+        """Why a meter may have refused a control frame valid until ``until``: its clock is past
+        that (it refuses a frame whose validity end lies in its past, dlt645.md §4.1; the 1-byte
+        reply form cannot say so, it reports a password error). None when its clock is not the
+        reason, or cannot be read."""
+        try:
+            error = await self._clock_error(client)
+        except (GatewayError, Dlt645Error, TypeError, ValueError):
+            return None
+        if self.now() + timedelta(seconds=error) < until:
+            return None
+        ahead = timedelta(seconds=round(error))
+        return (
+            f"the meter's clock is {ahead} ahead: the command's validity end {until.isoformat()} lies in its past, "
+            "so it refuses the frame (whatever error it reports); a time sync (kind time_sync) fixes that"
         )
 
     async def _clock_error(self, client: MeterClient) -> float:

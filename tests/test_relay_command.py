@@ -112,3 +112,24 @@ def test_relay_confirmed_reads_the_pre_trip_alarm_only_with_the_meters_reply():
     assert _relay_confirmed("trip", {}, RelayExecution.DELAYED_TRIP_LARGE_CURRENT)[0]
     assert not _relay_confirmed("trip", {"pre_trip_alarm": False}, RelayExecution.DIRECT_TRIP)[0]
     assert _relay_confirmed("trip", {"relay_trip_commanded": True}, None, replied=False)[0]
+
+
+async def test_a_relay_refused_because_the_meters_clock_is_ahead_says_so(rig):
+    """A meter whose clock is past the validity end refuses the frame; the 1-byte reply form
+    reports "password". The refusal's reason names the real cause (dlt645.md §4.1)."""
+    from simulator.faults import Fault, FaultSpec
+
+    _, fleet, store, service = rig
+    # A refusal for another reason (power hold set at the meter, unknown to the gateway): no clock hint.
+    fleet.meter(A).meter.relay.hold = True
+    held = await run(store, service, "trip-held", "trip")
+    assert held.state is State.REFUSED
+    assert "reason" not in (await store.events(command_id=held.id))[-1].detail
+    fleet.meter(A).meter.relay.hold = False
+
+    fleet.inject(A, FaultSpec(Fault.CLOCK_JUMP, seconds=86_400))  # a day ahead
+    refused = await run(store, service, "trip-ahead", "trip")
+    assert refused.state is State.REFUSED
+    last = (await store.events(command_id=refused.id))[-1].detail
+    assert last["by"] == "meter" and "clock is 1 day, 0:00:00 ahead" in last["reason"] and "time sync" in last["reason"]
+    assert fleet.state(A)["relay"] == "closed"
