@@ -32,10 +32,16 @@ class Fault(StrEnum):
     CLOCK_JUMP = "clock_jump"
     """The meter clock jumps by ``seconds``."""
     ROLLOVER = "rollover"
-    """The energy registers are set just below their BCD rollover."""
+    """The energy registers are moved to just below their BCD rollover (999999.99), the total and
+    the current tariff's register by the same amount, so the total stays the sum of T1..T4
+    (``headroom_hundredths`` below full scale; ``registers``: forward by default)."""
     LOST_TOPUP = "lost_topup"
     """The next accepted top-up is acknowledged but not applied (a count gap follows)."""
 
+
+ROLLOVER_REGISTERS = ("forward", "reverse", "reactive")
+"""Registers a ROLLOVER fault can move: active forward (total and tariffs), active reverse
+(total and tariffs), combined reactive 1 (a total only)."""
 
 LINK_FAULTS = frozenset(
     {Fault.NO_REPLY, Fault.LATE_REPLY, Fault.BAD_CHECKSUM, Fault.TRUNCATED, Fault.BYTE_GAPS, Fault.WRONG_ADDRESS}
@@ -54,6 +60,22 @@ class FaultSpec:
     probability: float = 1.0
     function: int | None = None
     """Link faults: fire only on replies to this function code (e.g. 0x03: a lost recharge reply)."""
+    headroom_hundredths: int | None = None
+    """ROLLOVER: how far below full scale (999999.99) the registers are set, in 0.01 kWh (kvarh):
+    0 sets 999999.99, which the next 0.01 rolls over to 0. None: ``seconds``, the spelling the
+    scenario format and the admin interface accept for it."""
+    registers: tuple[str, ...] = ("forward",)
+    """ROLLOVER: which registers move, from :data:`ROLLOVER_REGISTERS`."""
+
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.registers if r not in ROLLOVER_REGISTERS]
+        if unknown or not self.registers:
+            raise ValueError(f"rollover registers must be among {', '.join(ROLLOVER_REGISTERS)}, not {unknown}")
+
+    @property
+    def headroom(self) -> int:
+        """ROLLOVER: the distance below full scale in hundredths (``headroom_hundredths``, else ``seconds``)."""
+        return self.seconds if self.headroom_hundredths is None else self.headroom_hundredths
 
 
 @dataclass

@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from firmware_stubs.dispatcher import handle
-from firmware_stubs.meter import CostMode, Meter, MeterConfig, to_ms
+from firmware_stubs.meter import ROLLOVER, CostMode, Meter, MeterConfig, to_ms
 from firmware_stubs.tariff import PriceSet, StepTable, TouSchedule
 from firmware_stubs.wallet import Limits, WalletUnit
 from protocols.dlt645 import PROFILES, Frame, MeterProfile, normalize_address
@@ -71,11 +71,30 @@ class SimMeter:
         elif spec.kind is Fault.CLOCK_JUMP:
             self.meter.jump_clock(spec.seconds)  # the freezes follow the meter's clock
         elif spec.kind is Fault.ROLLOVER:
-            f = self.meter.forward
-            for k in range(len(f)):  # total and T1..T4, just below 999999.99 kWh (seconds = hundredths left)
-                f[k] = 99_999_999 - min(max(0, spec.seconds), 99_999_999)
+            self._near_rollover(spec)
         elif spec.kind is Fault.LOST_TOPUP:
             self.meter.lost_topups += spec.remaining or 1
+
+    def _near_rollover(self, spec: FaultSpec) -> None:
+        """Move the registers of ``spec.registers`` to ``spec.headroom`` hundredths below 999999.99.
+
+        An active register set (total, T1..T4) moves as if the energy had been counted at once
+        in the tariff in force (T1 if none): the total and that tariff's register by the same
+        amount, modulo the rollover, so the total stays the sum of the tariffs (prepaid.md §4.2:
+        |total - sum T| <= 0.04 kWh). Wallet, steps and freezes are not touched.
+        """
+        meter = self.meter
+        target = ROLLOVER - 1 - min(max(0, spec.headroom), ROLLOVER - 1)
+        tariff = meter._window(meter.now_ms)[1]  # the tariff the next energy is counted in
+        for name in spec.registers:
+            if name == "reactive":
+                meter.reactive = target
+                continue
+            regs = meter.forward if name == "forward" else meter.reverse
+            k = tariff if 1 <= tariff < len(regs) else 1
+            delta = (target - regs[0]) % ROLLOVER
+            regs[0] = target
+            regs[k] = (regs[k] + delta) % ROLLOVER
 
     def clear(self, kind: Fault | None = None, now: datetime | None = None) -> None:
         """Remove injected faults (all, or one kind)."""

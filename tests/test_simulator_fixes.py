@@ -341,17 +341,56 @@ def test_idle_catch_up_takes_few_steps() -> None:
 # --- 8: rollovers and remote purchase counts -------------------------------------------------------------
 
 
-def test_combined_energy_rolls_over_and_the_rollover_fault_sets_every_tariff_register() -> None:
+def test_combined_energy_rolls_over_and_the_rollover_fault_keeps_the_total_the_sum_of_the_tariffs() -> None:
     fleet = fleet_of(doc(watts=1000))
     a = "000000000001"
-    fleet.inject(a, FaultSpec(Fault.ROLLOVER, seconds=9))
+    fleet.advance(timedelta(hours=30))  # 30 kWh over several tariffs first
+    fleet.state(a)
     m = fleet.meter(a).meter
-    assert m.forward == [99_999_990] * 5
+    before, reactive = list(m.forward), m.reactive
+    assert before[0] == sum(before[1:]) and sum(1 for t in before[1:] if t) >= 2
+    tariff = m._window(m.now_ms)[1]  # the tariff in force: the one that takes the jump
+    fleet.inject(a, FaultSpec(Fault.ROLLOVER, headroom_hundredths=9))
+    delta = 99_999_990 - before[0]
+    assert m.forward == [99_999_990] + [t + (delta if k == tariff else 0) for k, t in enumerate(before[1:], 1)]
+    # prepaid.md §4.2: |total - (T1 + T2 + T3 + T4)| <= 0.04 kWh; here exactly equal, as read.
+    tariffs = [read_value(m, 0x00010000 + 0x100 * k) for k in range(1, 5)]
+    assert read_value(m, 0x00010000) == sum(tariffs) == Decimal("999999.90")
+    assert m.reverse == [0] * 5 and m.reactive == reactive  # forward only by default
     m.reverse[0] = 500
     assert read_value(m, 0x00000000) == Decimal("4.90")  # 999999.90 + 5.00 rolls over (was ERR)
     fleet.advance(timedelta(hours=1))
     fleet.state(a)
     assert m.forward[0] == 90  # 1 kWh later: 999999.90 + 1.00
+    assert sum(m.forward[1:]) % 100_000_000 == 90  # the tariff registers roll with it
+
+
+def test_the_rollover_fault_moves_reverse_and_reactive_registers_when_asked() -> None:
+    fleet = fleet_of(doc(watts=-2000))  # exporting: the reverse registers count
+    a = "000000000001"
+    fleet.advance(timedelta(hours=30))
+    fleet.state(a)
+    m = fleet.meter(a).meter
+    forward, reverse = list(m.forward), list(m.reverse)
+    assert reverse[0] == 6000 == sum(reverse[1:])
+    fleet.inject(a, FaultSpec(Fault.ROLLOVER, headroom_hundredths=0, registers=("reverse", "reactive")))
+    assert m.forward == forward  # not asked for
+    assert m.reverse[0] == 99_999_999 == sum(m.reverse[1:]) and m.reactive == 99_999_999
+    fleet.advance(timedelta(minutes=3))  # 0.10 kWh exported
+    fleet.state(a)
+    assert m.reverse[0] == 9 and sum(m.reverse[1:]) % 100_000_000 == 9
+
+
+def test_the_rollover_distance_keeps_its_old_spelling_seconds_in_scenarios() -> None:
+    # The scenario format and the admin interface give fault parameters as ``seconds``; for a
+    # rollover it is the distance below full scale (hundredths), as headroom_hundredths.
+    d = doc(watts=0)
+    d["bus"][0]["faults"] = [{"kind": "rollover", "seconds": 9}]
+    m = fleet_of(d).meter("000000000002").meter
+    assert m.forward[0] == 99_999_990 == sum(m.forward[1:])
+    assert FaultSpec(Fault.ROLLOVER, seconds=5, headroom_hundredths=7).headroom == 7
+    with pytest.raises(ValueError, match="rollover registers must be among forward, reverse, reactive"):
+        FaultSpec(Fault.ROLLOVER, registers=("forwards",))
 
 
 def test_a_rollover_fault_larger_than_the_register_leaves_the_meter_working() -> None:
