@@ -431,6 +431,12 @@ class Relay:
         """Relay rules after an accepted top-up (prepaid.md §1.5, "After a top-up").
 
         ``direct``: a wallet preset or initialisation, which closes directly like an external relay.
+
+        A remote trip stays a remote trip (deliberate): §1.5's SY03A paragraph says a top-up on a
+        relay "opened by a remote trip command" *enables closing*, and the function it cites
+        (``Yc_Money_In``) does that with ``Enable_Closerelay``, which clears only the wait for the
+        button, never the remote-trip flag; that flag is cleared by the master station's
+        close-allowed (1B) or direct close (1C), so the button does nothing meanwhile.
         """
         self.last_local = ladder
         direct = direct or self.external

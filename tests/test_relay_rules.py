@@ -474,6 +474,24 @@ def test_a_top_up_during_a_remote_pre_trip_closes_directly(n1: int) -> None:
     assert b.relay == "closed"  # the expired pre-trip timer does nothing any more
 
 
+def test_a_top_up_leaves_a_remote_trip_to_the_master_station() -> None:
+    """Pinned (prepaid.md §1.5, the SY03A paragraph): on a remotely tripped internal relay a
+    top-up "enables closing" but does not lift the trip. In the cited code (``Yc_Money_In``)
+    that is ``Enable_Closerelay``, which clears only the wait-for-the-button flag, not the
+    remote-trip flag, which only the master's close-allowed (1B) or direct close (1C) clears."""
+    b = Bench(watts=1000)
+    b.wait(hours=1)
+    assert ok(b.control(N1.TRIP))
+    assert isinstance(b.recharge(1000, 2), SecurityReply)
+    assert b.balance_fen == 3000 - 50 + 1000  # applied: 1 kWh at 0.5 yuan before the trip
+    assert state(b) == "remote_trip" and b.relay == "open"
+    assert not b.press() and b.relay == "open"  # the button does not undo a remote trip
+    b.wait(hours=2)
+    assert state(b) == "remote_trip" and b.meter.forward[0] == 100  # open: nothing consumed
+    assert ok(b.control(N1.CLOSE_ALLOWED))
+    assert b.relay == "close_allowed" and b.press() and b.relay == "closed"
+
+
 # --- power hold ------------------------------------------------------------------------------------------
 
 
