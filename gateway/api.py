@@ -24,6 +24,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
 from fastapi import Body, Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response, Security
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
@@ -1190,14 +1191,39 @@ def create_api(
         since: Annotated[AwareDatetime | None, Query(description="From (inclusive), ISO 8601 with time zone.")] = None,
         until: Annotated[AwareDatetime | None, Query(description="Until (exclusive), ISO 8601 with time zone.")] = None,
         command_id: Annotated[str | None, Query(max_length=64, description="Only this command.")] = None,
+        address: Annotated[str | None, Query(max_length=20, description="Only this meter's commands.")] = None,
+        customer: Annotated[
+            str | None, Query(max_length=20, description="Only the commands of this customer's meters.")
+        ] = None,
+        after_id: Annotated[
+            int | None, Query(ge=0, description="Only events after this event_id (the next page: X-Next-After).")
+        ] = None,
         fmt: Annotated[Literal["json", "csv"], Query(alias="format", description="json (default) or csv.")] = "json",
         limit: Annotated[int, Query(ge=1, le=100_000, description="Events at most.")] = 10_000,
     ) -> Any:
         """Every state change of every command in the window, joined with its command: who asked and who acted,
-        what (kind, meter, parameters), when, the state it moved to, the command's outcome, and the frames."""
+        what (kind, meter, parameters), when, the state it moved to, the command's outcome, and the frames.
+
+        By command, meter or customer (prepaid.md §5.3: reports "by command" and "by customer"). When the
+        limit cut the export short, the ``X-Next-After`` header holds the last event_id: ask again with
+        ``after_id`` set to it for the rest."""
         if since is not None and until is not None and until <= since:
             raise InvalidCommand("until must be after since")
-        events = await store.events(command_id=command_id, since=since, until=until, limit=limit)
+        addresses: list[str | None] = [None]
+        if address is not None:
+            addresses = [_address(address)]
+        if customer is not None:
+            mine = sorted(a for a, m in service.meters.items() if m.customer_number == customer)
+            if not mine:
+                raise InvalidCommand(f"no meter of customer {customer!r} is managed by this gateway")
+            addresses = mine if address is None else [a for a in mine if a in addresses]
+        events = []
+        for one in addresses:
+            events += await store.events(
+                command_id=command_id, since=since, until=until, limit=limit, address=one, after_id=after_id
+            )
+        events = sorted(events, key=lambda e: e.id)[:limit]
+        more = {"X-Next-After": str(events[-1].id)} if events and len(events) == limit else {}
         commands: dict[str, Command | None] = {}
         rows: list[AuditRow] = []
         for event in events:
@@ -1224,7 +1250,7 @@ def create_api(
                 )
             )
         if fmt == "json":
-            return rows
+            return JSONResponse(jsonable_encoder(rows), headers=more)
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(AUDIT_COLUMNS)
@@ -1234,7 +1260,7 @@ def create_api(
         return Response(
             buffer.getvalue(),
             media_type="text/csv; charset=utf-8",
-            headers={"Content-Disposition": f'attachment; filename="meterlink-audit-{stamp}.csv"'},
+            headers={"Content-Disposition": f'attachment; filename="meterlink-audit-{stamp}.csv"', **more},
         )
 
     # --- health -------------------------------------------------------------------------------------------------

@@ -707,6 +707,28 @@ def test_audit_json_and_csv_say_who_what_when_frames_outcome(api: Api):
     assert datetime.fromisoformat(last["at"]) == datetime.fromisoformat(rows[3]["at"])
 
 
+def test_audit_by_meter_and_customer_and_in_pages(api: Api):
+    """prepaid.md §5.3: reports by command and by customer; a long export comes in pages."""
+    api.service.meters[A2].customer = "cust-42"
+    one = api.post(topup(idempotency_key="p-1")).json()
+    two = api.post(topup(A2, idempotency_key="p-2")).json()
+    three = api.post(topup(A2, "7.00", idempotency_key="p-3")).json()
+    by_meter = api.client.get("/audit", params={"address": A2}).json()
+    assert [r["command_id"] for r in by_meter] == [two["id"], three["id"]]
+    assert {r["address"] for r in by_meter} == {A2}
+    by_customer = api.client.get("/audit", params={"customer": "cust-42"}).json()
+    assert [r["command_id"] for r in by_customer] == [two["id"], three["id"]]
+    assert api.client.get("/audit", params={"customer": "nobody"}).status_code == 422
+    assert one["id"] not in {r["command_id"] for r in by_customer}
+
+    first = api.client.get("/audit", params={"limit": 2})
+    assert len(first.json()) == 2 and first.headers["x-next-after"] == str(first.json()[-1]["event_id"])
+    rest = api.client.get("/audit", params={"limit": 2, "after_id": first.headers["x-next-after"]})
+    assert [r["command_id"] for r in rest.json()] == [three["id"]] and "x-next-after" not in rest.headers
+    csv_page = api.client.get("/audit", params={"limit": 1, "format": "csv"})
+    assert csv_page.headers["x-next-after"]
+
+
 def test_audit_bad_queries_are_422(api: Api):
     assert api.client.get("/audit", params={"since": "2030-01-01T00:00:00"}).status_code == 422  # no zone
     assert api.client.get("/audit", params={"format": "xml"}).status_code == 422

@@ -131,6 +131,15 @@ async def test_audit_events_have_who_what_when_frames(store):
     assert (await store.get(cmd.id)).state is State.FAILED
 
 
+async def test_audit_events_by_meter_and_after_an_event(store):
+    mine, _ = await store.submit(new("k"), T0)
+    theirs, _ = await store.submit(new("j", "000000000009"), T0)
+    assert [e.command_id for e in await store.events(address=mine.address)] == [mine.id]
+    assert [e.command_id for e in await store.events(address="000000000009")] == [theirs.id]
+    first = (await store.events())[0]
+    assert [e.command_id for e in await store.events(after_id=first.id)] == [theirs.id]
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     ops=st.lists(

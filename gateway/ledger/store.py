@@ -720,17 +720,33 @@ class Store:
         since: datetime | None = None,
         until: datetime | None = None,
         limit: int = 1000,
+        address: str | None = None,
+        after_id: int | None = None,
     ) -> list[Event]:
-        """Audit events in order."""
-        return await self._run(self._events, command_id, since, until, limit)
+        """Audit events in order; ``address``: of that meter's commands only; ``after_id``: the
+        events after that one (paging)."""
+        return await self._run(self._events, command_id, since, until, limit, address, after_id)
 
     def _events(
-        self, command_id: str | None, since: datetime | None, until: datetime | None, limit: int
+        self,
+        command_id: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        limit: int,
+        address: str | None = None,
+        after_id: int | None = None,
     ) -> list[Event]:
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         if command_id is not None:
             where.append("command_id = ?")
             args.append(command_id)
+        if address is not None:
+            where.append("command_id IN (SELECT id FROM commands WHERE address = ?)")
+            args.append(address)
+        if after_id is not None:
+            where.append("id > ?")
+            args.append(after_id)
         if since is not None:
             where.append("at >= ?")
             args.append(ts(since))
