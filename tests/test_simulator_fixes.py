@@ -481,3 +481,25 @@ async def test_the_pty_description_tells_whether_line_timing_is_emulated() -> No
         assert "no line timing" in endpoint.description and "emulated" not in endpoint.description
         bus.timing = LineTiming(baud=2400)
         assert "line timing emulated by the bus" in endpoint.description
+
+
+# --- bench/fleet.py: a small fleet is judged by its growth per meter ----------------------------------------
+
+
+def test_the_fleet_bench_judges_a_small_fleet_by_its_growth_per_meter() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "fleet.py"
+    spec = importlib.util.spec_from_file_location("bench_fleet", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # 2,000 meters: 55 MiB RSS, 44 of it the interpreter; 5.56 KiB per meter is 543 MiB at 100,000.
+    small = bench.memory_verdict("memory", 2_000, 54.4, 5.56)
+    assert small.startswith("memory met (growth 5.56 KiB per meter x 100,000 = 543 < 1024 MiB")
+    assert "44 MiB baseline: 587 MiB RSS" in small
+    assert bench.memory_verdict("memory", 2_000, 54.4, 11.0).startswith("memory MISSED (growth 11.00 KiB")
+    # the full fleet is judged by the process RSS itself
+    assert bench.memory_verdict("memory", 100_000, 611.0, 5.80) == "memory met (611 < 1024 MiB RSS)"
+    assert bench.memory_verdict("memory", 100_000, 1100.0, 10.5).startswith("memory MISSED")
