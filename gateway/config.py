@@ -17,7 +17,8 @@ actors = ["cashier-7", "ops"]        # optional: the only actor names accepted o
 quiet_start = "18:00"                # no trips from here ...
 quiet_end = "09:00"                  # ... to here, nor on weekends and holidays (equal: no nightly quiet hours)
 weekend_quiet = true
-holidays = ["2026-10-01"]
+holidays = ["2026-12-24"]            # days of your own with no trips, besides the calendar
+calendar = "cn"                      # Chinese public holidays 2026-2027 (gateway/holidays.py); "none"
 grace_hours = 48                     # after the balance reaches zero
 dry_run = false
 
@@ -69,6 +70,7 @@ from typing import Any
 from protocols.dlt645 import PROFILES, Dlt645Error, normalize_address
 
 from .errors import BusUrlError, GatewayError
+from .holidays import CALENDARS
 from .link import LinkConfig
 from .policy import Policy
 from .poller import PollConfig
@@ -266,6 +268,7 @@ def build(doc: dict[str, Any]) -> GatewayConfig:
             "quiet_end",
             "weekend_quiet",
             "holidays",
+            "calendar",
             "grace_hours",
             "dry_run",
             "require_notice",
@@ -278,6 +281,10 @@ def build(doc: dict[str, Any]) -> GatewayConfig:
         holidays = frozenset(date.fromisoformat(str(d)) for d in pol.get("holidays", []))
     except ValueError as exc:
         raise ConfigError(f"[policy].holidays: {exc}") from None
+    calendar = pol.get("calendar", "cn")
+    if calendar not in CALENDARS:
+        raise ConfigError(f"[policy].calendar: {calendar!r} is not one of {', '.join(sorted(CALENDARS))}")
+    holidays |= CALENDARS[calendar]  # gateway/holidays.py: the default public holidays
     policy = Policy(
         quiet_start=_time(pol.get("quiet_start", "18:00"), "[policy].quiet_start"),
         quiet_end=_time(pol.get("quiet_end", "09:00"), "[policy].quiet_end"),

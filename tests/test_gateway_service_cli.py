@@ -31,7 +31,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -40,6 +40,7 @@ from click.testing import CliRunner, Result
 
 from gateway.cli import cli
 from gateway.config import ConfigError, build, load
+from gateway.holidays import CN_PUBLIC_HOLIDAYS
 from gateway.policy import Policy
 from protocols.dlt645 import PROFILES, parse_payload
 from protocols.dlt645.security import SecurityDI, SecurityRequest
@@ -135,7 +136,8 @@ def test_a_full_configuration(tmp_path: Path):
     assert config.mqtt_url == "mqtt://127.0.0.1:1883/meterlink/gw"
     p = config.policy
     assert (p.quiet_start.isoformat(), p.quiet_end.isoformat(), p.weekend_quiet) == ("22:00:00", "06:30:00", False)
-    assert sorted(d.isoformat() for d in p.holidays) == ["2026-10-01", "2026-10-02"]
+    assert {"2026-10-01", "2026-10-02"} <= {d.isoformat() for d in p.holidays}
+    assert date(2026, 2, 17) in p.holidays  # and the default calendar (gateway/holidays.py)
     assert (p.grace.total_seconds(), p.dry_run, p.require_notice) == (12 * 3600, True, True)
     s = config.service
     assert (s.max_attempts, s.retry_delay.total_seconds(), s.rate_per_s) == (7, 2.5, 20)
@@ -167,7 +169,7 @@ def test_an_empty_configuration_has_the_documented_defaults():
         {},
         [],
     )
-    assert config.policy == Policy()
+    assert config.policy == Policy(holidays=CN_PUBLIC_HOLIDAYS)  # the default calendar (gateway/holidays.py)
 
 
 NO_LINE_9 = r"^\[\[meter\]\] 1\.bus: no bus named 'line-9'$"
@@ -421,10 +423,10 @@ def test_gateway_and_operator_commands(sim: tuple[Proc, str, str], tmp_path: Pat
     assert (truth(admin, A1)["remaining_money"], truth(admin, A1)["purchase_count"]) == ("100.00", 1)
     gateway, api = start_gateway(gateway_config(tmp_path, [("line-1", bus_url, [A1, A2, A3, A4])]))
     try:
-        key = ("--gateway", api, "--key", KEY)
+        key = ("--gateway", api, "--api-key", KEY)
 
         # A top-up, by the console script: confirmed, the money on the meter once.
-        topup = [str(METERLINK), "topup", A1, "50.00", *key, "--idempotency-key", "order-77"]
+        topup = [str(METERLINK), "topup", A1, "50.00", *key, "--key", "order-77"]
         first = subprocess.run(topup, capture_output=True, text=True, timeout=30, env=CLEAN_ENV)
         assert first.returncode == 0 and first.stderr == "", first
         (line,) = first.stdout.splitlines()
@@ -443,7 +445,7 @@ def test_gateway_and_operator_commands(sim: tuple[Proc, str, str], tmp_path: Pat
             "(this idempotency key was used before: showing the first command, nothing was sent again)"
         ]
         assert (truth(admin, A1)["remaining_money"], truth(admin, A1)["purchase_count"]) == ("150.00", 2)
-        as_json = client("topup", A1, "50.00", *key, "--idempotency-key", "order-77", "--json")
+        as_json = client("topup", A1, "50.00", *key, "--key", "order-77", "--json")
         assert json.loads(as_json.stdout)["id"] == command_id
 
         # Without a key, the same top-up re-run the same day (after a lost answer) applies once;
@@ -481,6 +483,10 @@ def test_gateway_and_operator_commands(sim: tuple[Proc, str, str], tmp_path: Pat
         assert relay.exit_code == 0, relay.output
         assert re.search(rf"relay     {A3}  confirmed .*relay_open=True", relay.stdout), relay.stdout
         assert truth(admin, A3)["relay"] == "open"
+        # Run again: the same command (the CLI sends no validity, the gateway derives the same key).
+        relay_again = client("relay", A3, "trip", *key)
+        assert relay_again.exit_code == 0 and relay_again.stdout == relay.stdout, relay_again.output
+        assert relay_again.stderr.startswith("(the same trip command was already submitted today")
 
         # The ledger: the list, newest first, and one command with its audit events.
         listed = client("commands", "--gateway", api)
@@ -503,11 +509,13 @@ def test_gateway_and_operator_commands(sim: tuple[Proc, str, str], tmp_path: Pat
         assert events[0].split()[2] == "api:ops" and '"purchase_count": 2' in events[1]
 
         # Bad input: one line on stderr, a non-zero status, no traceback; nothing recorded.
-        one_error_line(client("topup", A1, "5.00", "--gateway", api), r"an API key is needed .*--key", code=2)
+        one_error_line(client("topup", A1, "5.00", "--gateway", api), r"an API key is needed .*--api-key", code=2)
         one_error_line(client("topup", A1, "50.001", *key), r"^meterlink: rejected \(422\): .*amount: .*2 decimals$")
         one_error_line(client("topup", A1, "ten", *key), r"rejected \(422\): .*amount: 'ten' is not a decimal")
         one_error_line(client("topup", "99", "5.00", *key), r"rejected \(422\): meter 000000000099 is not managed")
-        one_error_line(client("topup", A1, "5.00", "--gateway", api, "--key", "wrong-key-0000"), r"rejected \(403\)")
+        one_error_line(
+            client("topup", A1, "5.00", "--gateway", api, "--api-key", "wrong-key-0000"), r"rejected \(403\)"
+        )
         one_error_line(client("commands", "no-such-command", "--gateway", api), r"^meterlink: 404: no command")
         # A disconnection notice, recorded for the policy's notice rule.
         noted = client("notice", A4, "--text", "SMS: supply will be cut in 7 days", *key)
@@ -515,7 +523,7 @@ def test_gateway_and_operator_commands(sim: tuple[Proc, str, str], tmp_path: Pat
         one_error_line(client("notice", "99", *key), r"rejected \(404\): meter 000000000099 is not managed")
         one_error_line(client("notice", A4, "--sent-at", "yesterday", *key), r"rejected \(422\)")
         unreachable = subprocess.run(
-            [str(METERLINK), "topup", A1, "5.00", "--gateway", "http://127.0.0.1:1", "--key", KEY],
+            [str(METERLINK), "topup", A1, "5.00", "--gateway", "http://127.0.0.1:1", "--api-key", KEY],
             capture_output=True,
             text=True,
             timeout=30,
@@ -722,7 +730,7 @@ def test_a_line_that_goes_away_mid_batch_loses_no_top_up_and_applies_none_twice(
 )
 def test_a_bad_gateway_url_is_one_line(url: str, pattern: str):
     done = subprocess.run(
-        [str(METERLINK), "topup", A1, "5.00", "--gateway", url, "--key", KEY],
+        [str(METERLINK), "topup", A1, "5.00", "--gateway", url, "--api-key", KEY],
         capture_output=True,
         text=True,
         timeout=30,
@@ -755,7 +763,7 @@ def test_a_server_that_is_not_the_gateway_is_one_line():
     try:
         for args, pattern in (
             (["commands"], r"answered 200 with something that is not JSON: is it a meterlink gateway\?$"),
-            (["topup", A1, "5.00", "--key", KEY], r"rejected \(501\): .*is .* a meterlink gateway\?$"),
+            (["topup", A1, "5.00", "--api-key", KEY], r"rejected \(501\): .*is .* a meterlink gateway\?$"),
         ):
             done = subprocess.run(
                 [str(METERLINK), *args, "--gateway", url], capture_output=True, text=True, timeout=30, env=CLEAN_ENV
@@ -789,3 +797,51 @@ def test_mqtt_actors_are_configurable():
     assert build({}).mqtt_actors is None
     with pytest.raises(ConfigError, match=r"^\[mqtt\]\.actors: "):
         build({"mqtt": {"actors": "ops"}})
+
+
+# --- what the command-submitting CLIs send (the API call replaced) ------------------------------------------
+
+
+@pytest.fixture
+def submitted(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    from gateway.cli import service as cli_service
+
+    calls: list[dict[str, Any]] = []
+
+    def submit(base: str, key: str | None, body: dict[str, Any], wait: float, as_json: bool, hint: Any = None) -> None:
+        calls.append({"api_key": key, **body})
+
+    monkeypatch.setattr(cli_service, "submit_and_wait", submit)
+    return calls
+
+
+def test_relay_through_the_gateway_sends_no_validity_unless_given(submitted: list[dict[str, Any]]):
+    assert client("relay", A3, "trip", "--api-key", KEY).exit_code == 0
+    assert client("relay", A3, "trip", "--api-key", KEY).exit_code == 0
+    # The same request twice, no validity: the gateway derives the same key, the second is the first command.
+    expected = {"api_key": KEY, "kind": "relay", "address": A3, "params": {"action": "trip", "n2": 0}}
+    assert submitted == [expected, expected]
+    before = datetime.now(UTC)
+    assert client("relay", A3, "trip", "--api-key", KEY, "--valid-minutes", "5").exit_code == 0
+    until = datetime.fromisoformat(submitted[-1]["valid_until"])
+    assert 4.9 * 60 < (until - before).total_seconds() < 5.1 * 60
+    assert client("relay", A3, "trip", "--api-key", KEY, "--valid-until", "2099-01-01T00:00+08:00").exit_code == 0
+    assert submitted[-1]["valid_until"] == "2099-01-01T00:00:00+08:00"
+    both = client("relay", A3, "trip", "--valid-minutes", "5", "--valid-until", "2099-01-01T00:00+08:00")
+    assert both.exit_code == 2 and "exclude each other" in both.output
+    past = client("relay", A3, "trip", "--valid-until", "2001-01-01T00:00+08:00")
+    assert past.exit_code == 2 and "in the past" in past.output
+    assert len(submitted) == 4
+
+
+@pytest.mark.parametrize("command", [["topup", A1, "5.00"], ["tariff", A1, "0.50"], ["relay", A1, "trip"]])
+def test_key_is_the_idempotency_key_and_api_key_the_api_key(submitted: list[dict[str, Any]], command: list[str]):
+    assert client(*command, "--api-key", KEY, "--key", "order-77").exit_code == 0
+    assert client(*command, "--api-key", KEY, "--idempotency-key", "order-77").exit_code == 0  # the alias
+    env = {"METERLINK_API_KEY": "from-env", "METERLINK_GATEWAY": None}
+    assert CliRunner().invoke(cli, [*command, "--key", "order-78"], env=env).exit_code == 0
+    assert [(c["api_key"], c["idempotency_key"]) for c in submitted] == [
+        (KEY, "order-77"),
+        (KEY, "order-77"),
+        ("from-env", "order-78"),
+    ]

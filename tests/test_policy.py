@@ -23,6 +23,7 @@ import pytest
 from simline import SimLineTransport
 
 from gateway.config import build
+from gateway.holidays import CN_PUBLIC_HOLIDAYS
 from gateway.ledger import Command, Event, State, Store
 from gateway.link import Link, LinkConfig
 from gateway.policy import TRIP_ACTIONS, CustomerFacts, Policy
@@ -288,12 +289,13 @@ def test_policy_from_the_gateway_configuration():
     )
     p = config.policy
     assert (p.notice_residential, p.notice_other) == (timedelta(days=14), timedelta(days=5))
-    assert (p.quiet_start, p.quiet_end, p.weekend_quiet, p.holidays) == (time(22), time(6, 30), False, {WED})
+    assert (p.quiet_start, p.quiet_end, p.weekend_quiet) == (time(22), time(6, 30), False)
+    assert p.holidays == {WED} | CN_PUBLIC_HOLIDAYS  # the listed day and the default calendar
     assert (p.grace, p.dry_run, p.require_notice) == (timedelta(hours=12), True, True)
     assert rule(p, at(SAT, 12)) is None
     assert rule(p, at(THU, 6, 29)) == "quiet_hours"
     defaults = build({}).policy
-    assert defaults == Policy()
+    assert defaults == Policy(holidays=CN_PUBLIC_HOLIDAYS)
 
 
 def test_next_trip_time_is_the_end_of_the_quiet_period():
@@ -714,3 +716,24 @@ async def test_energy_wallet_meters_are_not_topped_up_in_yuan(make_rig: RigFacto
     with pytest.raises(InvalidCommand, match="energy wallet"):
         await rig.service.submit("e-1", "topup", A3, {"amount": "10.00"}, "ops")
     assert await rig.store.commands() == []  # nothing recorded
+
+
+def test_the_default_calendar_blocks_public_holidays_and_can_be_dropped(tmp_path):
+    """A configured gateway knows the Chinese public holidays by default (gateway/holidays.py);
+    calendar = "none" leaves only the days listed."""
+    from gateway.config import ConfigError, load
+    from gateway.holidays import CN_PUBLIC_HOLIDAYS
+
+    base = '[[bus]]\nname = "b"\nurl = "tcp://127.0.0.1:1"\n[[meter]]\naddress = "1"\nbus = "b"\n'
+    path = tmp_path / "g.toml"
+    path.write_text(base)
+    policy = load(path).policy
+    assert policy.holidays == CN_PUBLIC_HOLIDAYS
+    assert "holiday" in policy.quiet(datetime(2026, 10, 5, 11, 0, tzinfo=METER_TZ))  # National Day week, a Monday
+    assert "holiday" in policy.quiet(datetime(2026, 2, 18, 11, 0, tzinfo=METER_TZ))  # Spring Festival, a Wednesday
+    assert policy.quiet(datetime(2026, 11, 24, 11, 0, tzinfo=METER_TZ)) is None  # an ordinary Tuesday
+    path.write_text(base + '[policy]\ncalendar = "none"\nholidays = ["2026-11-24"]\n')
+    assert load(path).policy.holidays == {date(2026, 11, 24)}
+    path.write_text(base + '[policy]\ncalendar = "us"\n')
+    with pytest.raises(ConfigError, match="calendar"):
+        load(path)
