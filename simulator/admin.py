@@ -45,6 +45,19 @@ class FaultBody(BaseModel):
     seconds: int = 0
     probability: float = Field(default=1.0, ge=0.0, le=1.0)
     function: int | None = Field(default=None, ge=0, le=0x1F, description="Only replies to this function code")
+    headroom_hundredths: int | None = Field(
+        default=None, ge=0, le=99_999_999, description="rollover: distance below 999999.99 in 0.01 kWh"
+    )
+    registers: tuple[str, ...] = Field(
+        default=("forward",), description="rollover: which registers move (forward, reverse, reactive)"
+    )
+
+
+def _spec(body: FaultBody) -> FaultSpec:
+    try:
+        return FaultSpec(**body.model_dump())
+    except ValueError as exc:  # e.g. an unknown rollover register
+        raise HTTPException(422, str(exc)) from None
 
 
 class AdvanceBody(BaseModel):
@@ -91,7 +104,7 @@ def create_app(fleet: Fleet) -> FastAPI:
 
     @app.post("/meters/{address}/faults")
     async def meter_fault(address: str, body: FaultBody) -> dict[str, Any]:
-        fleet.inject(find(address), FaultSpec(**body.model_dump()))
+        fleet.inject(find(address), _spec(body))
         return fleet.state(address)
 
     @app.delete("/meters/{address}/faults")
@@ -103,7 +116,7 @@ def create_app(fleet: Fleet) -> FastAPI:
     async def bus_fault(name: str, body: FaultBody) -> dict[str, Any]:
         if name not in fleet.buses:
             raise HTTPException(404, f"no bus {name}")
-        fleet.inject(name, FaultSpec(**body.model_dump()))
+        fleet.inject(name, _spec(body))
         return {"bus": name, "faults": sorted(k.value for k in fleet.buses[name].faults.active)}
 
     @app.delete("/buses/{name}/faults")

@@ -183,7 +183,10 @@ def _limits(raw: Any, where: str) -> Limits:
     return Limits(**{k: _fen(raw.get(k, Decimal(getattr(base, k)).scaleb(-2)), f"{where}.{k}") for k in known})
 
 
-_FAULT_KEYS = frozenset({"kind", "remaining", "delay_ms", "gap_ms", "seconds", "probability", "function"})
+_FAULT_KEYS = frozenset(
+    {"kind", "remaining", "delay_ms", "gap_ms", "seconds", "probability", "function"}
+    | {"headroom_hundredths", "registers"}  # rollover
+)
 
 
 def _faults(raw: Any, where: str) -> list[FaultSpec]:
@@ -203,12 +206,22 @@ def _faults(raw: Any, where: str) -> list[FaultSpec]:
                 extra[key] = _int(f[key], f"{here}.{key}", 0, 60_000)
         if "seconds" in f:
             extra["seconds"] = _int(f["seconds"], f"{here}.seconds")
+        if "headroom_hundredths" in f:
+            extra["headroom_hundredths"] = _int(f["headroom_hundredths"], f"{here}.headroom_hundredths", 0)
+        if "registers" in f:
+            regs = f["registers"]
+            if not isinstance(regs, list) or not all(isinstance(r, str) for r in regs):
+                raise ScenarioError(f'{here}.registers: a list of names, e.g. ["forward", "reverse"]')
+            extra["registers"] = tuple(regs)
         if "probability" in f:
             probability = _float(f["probability"], f"{here}.probability", 0.0)
             if probability > 1:
                 raise ScenarioError(f"{here}.probability: {probability} must be in 0..1")
             extra["probability"] = probability
-        out.append(FaultSpec(kind, **extra))
+        try:
+            out.append(FaultSpec(kind, **extra))
+        except ValueError as exc:
+            raise ScenarioError(f"{here}: {exc}") from None
     return out
 
 

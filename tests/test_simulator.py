@@ -713,3 +713,24 @@ def test_cli_errors_are_one_clear_line(tmp_path: Path, args: list[str], message:
     assert "Traceback" not in stderr and "Traceback" not in stdout
     errors = [line for line in stderr.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and message in errors[0], stderr
+
+
+def test_the_rollover_fault_takes_its_parameters_from_the_admin_interface_and_scenarios(
+    admin: tuple[Fleet, TestClient],
+) -> None:
+    fleet, client = admin
+    a = addr(1)
+    reply = client.post(
+        f"/meters/{a}/faults", json={"kind": "rollover", "headroom_hundredths": 5, "registers": ["forward", "reverse"]}
+    )
+    assert reply.status_code == 200, reply.text
+    meter = fleet.meter(a).meter
+    assert meter.forward[0] == meter.reverse[0] == 99_999_999 - 5  # 0.01 kWh below 999999.99, five times
+    assert sum(meter.forward[1:5]) == meter.forward[0] and sum(meter.reverse[1:5]) == meter.reverse[0]
+    bad = client.post(f"/meters/{a}/faults", json={"kind": "rollover", "registers": ["sideways"]})
+    assert bad.status_code == 422 and "sideways" in bad.text
+    text = '[[bus]]\nmeters = 1\nfaults = [{kind = "rollover", headroom_hundredths = 3, registers = ["reactive"]}]\n'
+    [spec] = build(tomllib.loads(text)).buses[0].faults
+    assert (spec.headroom_hundredths, spec.registers) == (3, ("reactive",))
+    with pytest.raises(ScenarioError, match="registers"):
+        build(tomllib.loads(text.replace('"reactive"', '"sideways"')))
