@@ -1,0 +1,70 @@
+"""The layout's rules (DEVELOPERS.md), checked on the source: imports point one way, the codec
+and the firmware model do no I/O and read no clock.
+
+* ``protocols`` imports none of the other three packages, and no sockets, asyncio or threads;
+* ``firmware_stubs`` imports only ``protocols`` of ours, and no I/O either;
+* ``gateway`` never imports ``simulator`` or ``firmware_stubs``;
+* ``simulator`` imports ``gateway`` only in ``simulator/demo.py`` (the one module that wires
+  both halves together, like an integration test);
+* neither ``protocols`` nor ``firmware_stubs`` reads the wall clock (``datetime.now``,
+  ``time.time``, ``time.monotonic``, ``date.today``): time is an argument.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = ("protocols", "firmware_stubs", "simulator", "gateway")
+IO_MODULES = {"asyncio", "socket", "selectors", "threading", "subprocess", "serial", "aiomqtt", "paho", "http"}
+CLOCK_CALLS = {("datetime", "now"), ("datetime", "utcnow"), ("date", "today"), ("time", "time"), ("time", "monotonic")}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _files(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("protocols", {"firmware_stubs", "simulator", "gateway"} | IO_MODULES),
+        ("firmware_stubs", {"simulator", "gateway"} | IO_MODULES),
+        ("gateway", {"simulator", "firmware_stubs"}),
+    ],
+)
+def test_imports_point_one_way(package: str, forbidden: set[str]) -> None:
+    bad = {str(p.relative_to(ROOT)): sorted(_imports(p) & forbidden) for p in _files(package)}
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_the_simulator_imports_the_gateway_only_in_the_demo() -> None:
+    assert {"protocols", "asyncio"} <= _imports(ROOT / "gateway" / "link.py")  # the scanner sees imports
+    users = sorted(str(p.relative_to(ROOT)) for p in _files("simulator") if "gateway" in _imports(p))
+    assert users == ["simulator/demo.py"]
+
+
+@pytest.mark.parametrize("package", ["protocols", "firmware_stubs"])
+def test_no_wall_clock_in_the_codec_and_the_firmware(package: str) -> None:
+    found = []
+    for path in _files(package):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                owner = node.func.value
+                name = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", None)
+                if (name, node.func.attr) in CLOCK_CALLS:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}.{node.func.attr}()")
+    assert found == []
