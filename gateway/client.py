@@ -161,6 +161,25 @@ class RelayResult:
     frames: tuple[bytes, ...]
 
 
+class NotAMeterNumber(GatewayError):
+    """A security operation (identity authentication, level-98/99 writes and relay control, top-ups)
+    for a meter whose meter number is not 12 decimal digits: the ESAM keys are diversified by the
+    meter number, so none could be derived. Raised before anything is sent."""
+
+    def __init__(self, address: str, meter_number: str) -> None:
+        whose = f"its meter number {meter_number}" if meter_number != address else "the address"
+        super().__init__(
+            f"meter {address}: {whose} is not a meter number of 12 decimal digits, which ESAM security "
+            "operations (level 98/99 writes and relay control, top-ups) need; nothing was sent"
+        )
+        self.address = address
+        self.meter_number = meter_number
+
+
+def _is_meter_number(text: str) -> bool:
+    return len(text) == 12 and text.isascii() and text.isdigit()
+
+
 def _wall_clock() -> datetime:
     return datetime.now(UTC)
 
@@ -480,6 +499,8 @@ class MeterClient:
         """A valid identity-authentication session, opened (or renewed) on demand."""
         if not renew and self._session is not None and time.monotonic() < self._session_until:
             return self._session
+        if not _is_meter_number(self.meter_number):  # no ESAM keys for it: say so, send nothing
+            raise NotAMeterNumber(self.address, self.meter_number)
         request, pending = self.master.start_auth(self.meter_number)
         auth = SecurityRequest(SecurityDI.IDENTITY_AUTHENTICATION, self.operator, request)
         exchange = await self._tx(auth, **_bound(not_after))

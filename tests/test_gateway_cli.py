@@ -603,3 +603,48 @@ def test_console_script(served: ServedFleet):
     assert failed.stderr.splitlines() == [
         "meterlink: no reply from meter 000000000009 to function 0x11 DI 00010000 after 1 attempt(s)"
     ]
+
+
+# --- user mistakes the codec or the ESAM finds: one line, nothing sent ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["relay", "0000000000AA", "trip"],
+        ["write", "--security", "cipher", "AAAAAAAAAAAA", "04000102", "03:20:00"],
+        ["write", "--security", "mac", "AAAAAAAAAAAA", "04001001", "30.00"],
+    ],
+)
+def test_security_operations_need_a_decimal_meter_number(served: ServedFleet, args: list[str]):
+    command, *rest = args
+    line = assert_error(meterlink(command, "--bus", served.url(), *rest), r"is not a meter number of 12 decimal digits")
+    assert "nothing was sent" in line
+    assert served.fleet.buses["bus0"].stats.requests == 0  # refused before anything went out
+
+
+def test_the_client_refuses_a_top_up_for_a_non_decimal_address():
+    from gateway.client import MeterClient, NotAMeterNumber
+    from gateway.errors import GatewayError
+
+    client = MeterClient(None, "0000000000AA")  # type: ignore[arg-type]  # never reaches the line
+    with pytest.raises(NotAMeterNumber, match="0000000000AA") as caught:
+        asyncio.run(client.top_up(1000, 2, "000000000001"))
+    assert isinstance(caught.value, GatewayError)
+
+
+def test_a_time_sync_far_out_of_range_is_a_usage_error(served: ServedFleet):
+    result = meterlink("time-sync", "--bus", served.url(), "--at", "9999-12-31T23:59:59+00:00")
+    assert_usage_error(result, r"Invalid value for --at: .* is out of range")
+    assert served.fleet.buses["bus0"].stats.requests == 0
+
+
+@pytest.mark.parametrize("error", [ValueError("year 12345 is out of range"), OverflowError("date value out of range")])
+def test_any_value_error_on_the_way_is_one_line(served: ServedFleet, monkeypatch: pytest.MonkeyPatch, error: Exception):
+    from gateway.client import MeterClient
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(MeterClient, "read_each", broken)
+    assert_error(meterlink("read", "--bus", served.url(), A1, "00010000"), re.escape(str(error)))

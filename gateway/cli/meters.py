@@ -14,7 +14,7 @@ import re
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -97,15 +97,20 @@ def _run(bus: str, profile: str, timeout: float | None, retries: int, action: Ca
     try:
         return asyncio.run(main())
     except GatewayError as exc:
-        _fail(str(exc))
+        message = str(exc)
     except Dlt645Error as exc:
-        _fail(str(exc))
+        message = str(exc)
     except OSError as exc:
-        _fail(f"{bus}: {exc.strerror or exc}")
-    raise AssertionError("unreachable")
+        message = f"{bus}: {exc.strerror or exc}"
+    except (ValueError, OverflowError) as exc:  # a value from the command line out of range somewhere
+        message = str(exc) or type(exc).__name__
+    except KeyboardInterrupt:
+        click.echo("meterlink: interrupted", err=True)
+        sys.exit(130)
+    _fail(message)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     click.echo(f"meterlink: {message}", err=True)
     sys.exit(EXIT_ERROR)
 
@@ -400,6 +405,10 @@ def time_sync(bus: str, profile: str, timeout: float | None, retries: int, opera
         raise click.BadParameter(f"{at!r} is not ISO 8601", param_hint="--at") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=METER_TZ)
+    try:
+        when = when.astimezone(METER_TZ)  # 9999-12-31T23:59:59+00:00 is past datetime.max there
+    except OverflowError:
+        raise click.BadParameter(f"{at!r} is out of range (meter clocks run 2000..2099)", param_hint="--at") from None
 
     async def run(link: Link) -> Any:
         return await MeterClient(link, "000000000000", prof, operator=operator).broadcast_time(when)
