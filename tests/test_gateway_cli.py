@@ -648,3 +648,69 @@ def test_any_value_error_on_the_way_is_one_line(served: ServedFleet, monkeypatch
 
     monkeypatch.setattr(MeterClient, "read_each", broken)
     assert_error(meterlink("read", "--bus", served.url(), A1, "00010000"), re.escape(str(error)))
+
+
+# --- the link's log: quiet unless -v (CliRunner hides log output: these run the console script) ---------
+
+
+def run_script(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(METERLINK), *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(not METERLINK.exists(), reason="the meterlink console script is not installed")
+def test_the_links_warnings_are_printed_only_with_verbose(served: ServedFleet):
+    served.call(lambda: served.fleet.inject(A1, FaultSpec(Fault.WRONG_ADDRESS)))
+    error = f"reply from meter {A2}, but meter {A1} was asked"
+    args = ["read", "--bus", served.url(), "--timeout", "0.05", "--retries", "2", A1, "00900200"]
+    quiet = run_script(*args)
+    assert quiet.returncode == 1 and quiet.stdout == ""
+    assert quiet.stderr.splitlines() == [f"meterlink: DI 00900200: {error}"]  # the error line only
+    as_json = run_script(*args, "--json")
+    assert as_json.returncode == 1 and as_json.stderr == ""
+    assert json.loads(as_json.stdout)["error"] == error
+    loud = run_script(*args, "-v")
+    assert loud.returncode == 1 and "Traceback" not in loud.stderr
+    *warnings, last = loud.stderr.splitlines()
+    assert last == f"meterlink: DI 00900200: {error}"
+    rejected = f"warning: line {served.url()}: reply from meter {A2} while waiting for {A1}: rejected"
+    assert warnings == [rejected] * 3  # one clean line per attempt
+
+
+class DroppingPeer:
+    """Accepts TCP connections and closes them at once (a port that is not a meter line)."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.accepted = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.server.accept()
+                self.accepted += 1
+                conn.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.skipif(not METERLINK.exists(), reason="the meterlink console script is not installed")
+def test_a_peer_that_drops_the_connection_fails_in_seconds():
+    peer = DroppingPeer()
+    try:
+        began = time.monotonic()
+        result = run_script("read", "--bus", f"tcp://127.0.0.1:{peer.port}", "--retries", "0", A1, "00010000")
+        took = time.monotonic() - began
+        assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr
+        (line,) = result.stderr.splitlines()  # no "line ... is down" warning either
+        assert line.startswith("meterlink: ") and re.search(r"connection (lost|closed)|down", line), line
+        assert took < 10, took  # was ~30 s (the gateway's reconnect_s)
+        began = time.monotonic()
+        once = meterlink("read", "--bus", f"tcp://127.0.0.1:{peer.port}", "--reconnect", "0", A1, "00010000")
+        assert time.monotonic() - began < 3
+        assert_error(once, r"^meterlink: ")
+    finally:
+        peer.close()

@@ -4,15 +4,18 @@ Bus URLs: ``serial:///dev/ttyUSB0?baud=2400&parity=E``, ``socket://HOST:PORT`` a
 ``rfc2217://HOST:PORT`` (pyserial URL handlers), ``tcp://HOST:PORT``,
 ``mqtt://HOST:PORT/PREFIX/ID``, ``dtu://HOST:PORT/ID`` (listen for a 4G DTU). Errors (no
 reply, wrong address, refused) are one line on stderr and a non-zero exit status; never a
-traceback.
+traceback. The link's warnings (a lost line, a reply from another meter rejected) are printed
+only with ``-v`` (one ``warning: ...`` line each; ``-vv`` adds its progress notes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import re
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any, NoReturn, TypeVar
 
@@ -39,6 +42,11 @@ T = TypeVar("T")
 
 EXIT_ERROR = 1
 
+RECONNECT_S = 5.0
+"""How long a one-shot command waits for a lost line to come back (the gateway's lines wait
+``reconnect_s``, 30 s): a broker restarted mid-read is waited out, a peer that keeps dropping the
+connection fails in seconds."""
+
 
 def _bus_option(f: Any, required: bool = True) -> Any:
     f = click.option(
@@ -63,6 +71,20 @@ def _bus_option(f: Any, required: bool = True) -> Any:
         help="Td max in seconds (default 0.5; the timeout adds wire time and a margin).",
     )(f)
     f = click.option("--retries", type=click.IntRange(0, 10), default=2, show_default=True)(f)
+    f = click.option(
+        "--reconnect",
+        type=click.FloatRange(0, 600),
+        default=RECONNECT_S,
+        show_default=True,
+        metavar="SECONDS",
+        help="How long a lost line (converter, broker, DTU) is waited for before the command fails; 0: at once.",
+    )(f)
+    f = click.option(
+        "-v",
+        "--verbose",
+        count=True,
+        help="Print the line's warnings (a lost line, a reply from another meter); -vv also its progress.",
+    )(f)
     return click.option(
         "--operator",
         default="00000000",
@@ -79,12 +101,60 @@ def _operator(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value.upper()
 
 
-def _run(bus: str, profile: str, timeout: float | None, retries: int, action: Callable[[Link], Awaitable[T]]) -> T:
+class _LogLines(logging.Handler):
+    """Log records as one line each on stderr (``warning: line tcp://...: ...``), never a traceback.
+
+    Written through click at emit time, so the stream is whatever stderr is then.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                text = f"{text}: {type(exc).__name__}: {exc}"
+            click.echo(f"{record.levelname.lower()}: {' '.join(text.split())}", err=True)
+        except Exception:
+            self.handleError(record)
+
+
+_VERBOSITY = {0: logging.CRITICAL + 1, 1: logging.WARNING, 2: logging.INFO}
+
+
+@contextlib.contextmanager
+def _log_lines(verbose: int) -> Iterator[None]:
+    """While a one-shot command runs: log records (the link's warnings) as one line each with
+    ``-v`` (info too with ``-vv``), none without: the command's own error line says what failed.
+    The root logger gets a handler, so Python's last-resort handler prints nothing raw."""
+    root = logging.getLogger()
+    handler = _LogLines(_VERBOSITY.get(verbose, logging.DEBUG))
+    level = root.level
+    root.addHandler(handler)
+    if handler.level < root.getEffectiveLevel():
+        root.setLevel(handler.level)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def _run(
+    bus: str,
+    timeout: float | None,
+    retries: int,
+    action: Callable[[Link], Awaitable[T]],
+    *,
+    reconnect: float = RECONNECT_S,
+    verbose: int = 0,
+) -> T:
+    """Open the line, run ``action`` on it, close it. Every failure (the line, the meter, a value
+    the user gave that only the codec can check) is one error line and exit 1."""
     from ..transports import open_transport
 
     async def main() -> T:
         transport = open_transport(bus)
-        config = LinkConfig(retries=retries)
+        config = LinkConfig(retries=retries, reconnect_s=reconnect)
         if timeout is not None:
             config.td_max_s = timeout
         link = Link(transport, config)
@@ -95,7 +165,8 @@ def _run(bus: str, profile: str, timeout: float | None, retries: int, action: Ca
             await link.stop()
 
     try:
-        return asyncio.run(main())
+        with _log_lines(verbose):
+            return asyncio.run(main())
     except GatewayError as exc:
         message = str(exc)
     except Dlt645Error as exc:
@@ -171,6 +242,8 @@ def read(
     profile: str,
     timeout: float | None,
     retries: int,
+    reconnect: float,
+    verbose: int,
     operator: str,
     as_json: bool,
     address: str,
@@ -209,7 +282,7 @@ def read(
         client = MeterClient(link, addr, prof, operator=operator)
         return await client.read_each(ids, on_result=show)
 
-    _run(bus, profile, timeout, retries, action)
+    _run(bus, timeout, retries, action, reconnect=reconnect, verbose=verbose)
     if failed:
         sys.exit(EXIT_ERROR)
 
@@ -248,6 +321,8 @@ def write(
     profile: str,
     timeout: float | None,
     retries: int,
+    reconnect: float,
+    verbose: int,
     operator: str,
     security: str,
     level: str,
@@ -275,7 +350,7 @@ def write(
         else:
             await client.write(di_value, parsed, level=level_value, password=password)
 
-    _run(bus, profile, timeout, retries, action)
+    _run(bus, timeout, retries, action, reconnect=reconnect, verbose=verbose)
     click.echo(f"{addr}: {di_value:08X} written")
 
 
@@ -319,6 +394,8 @@ def relay(
     profile: str,
     timeout: float | None,
     retries: int,
+    reconnect: float,
+    verbose: int,
     operator: str,
     valid_minutes: int,
     n2: int,
@@ -360,7 +437,7 @@ def relay(
             _ACTIONS[action], until, n2=n2, encrypted=not plaintext, level=level_value, password=password
         )
 
-    result = _run(bus, profile, timeout, retries, run)
+    result = _run(bus, timeout, retries, run, reconnect=reconnect, verbose=verbose)
     executed = f" ({result.execution.name})" if result.execution else ""
     click.echo(f"{addr}: {action} accepted{executed}")
 
@@ -369,7 +446,14 @@ def relay(
 @_bus_option
 @click.option("--address", "addresses", multiple=True, help="Probe these addresses (repeat) instead of the wildcard.")
 def discover(
-    bus: str, profile: str, timeout: float | None, retries: int, operator: str, addresses: tuple[str, ...]
+    bus: str,
+    profile: str,
+    timeout: float | None,
+    retries: int,
+    reconnect: float,
+    verbose: int,
+    operator: str,
+    addresses: tuple[str, ...],
 ) -> None:
     """Find the meters on a line: the wildcard read-address when one meter is alone, else probe a list."""
     prof = PROFILES[profile]
@@ -386,7 +470,7 @@ def discover(
                 "probe them with --address"
             ) from None
 
-    found = _run(bus, profile, timeout, retries, run)
+    found = _run(bus, timeout, retries, run, reconnect=reconnect, verbose=verbose)
     for a in found:
         click.echo(a)
     if not found:
@@ -396,7 +480,16 @@ def discover(
 @click.command("time-sync")
 @_bus_option
 @click.option("--at", "at", default=None, help="ISO 8601 time to broadcast (default: now).")
-def time_sync(bus: str, profile: str, timeout: float | None, retries: int, operator: str, at: str | None) -> None:
+def time_sync(
+    bus: str,
+    profile: str,
+    timeout: float | None,
+    retries: int,
+    reconnect: float,
+    verbose: int,
+    operator: str,
+    at: str | None,
+) -> None:
     """Broadcast the time (meters apply it only if within 5 minutes, once a day, away from midnight)."""
     prof = PROFILES[profile]
     try:
@@ -413,5 +506,5 @@ def time_sync(bus: str, profile: str, timeout: float | None, retries: int, opera
     async def run(link: Link) -> Any:
         return await MeterClient(link, "000000000000", prof, operator=operator).broadcast_time(when)
 
-    _run(bus, profile, timeout, retries, run)
+    _run(bus, timeout, retries, run, reconnect=reconnect, verbose=verbose)
     click.echo(f"time {when.astimezone(METER_TZ).replace(microsecond=0).isoformat()} broadcast")
