@@ -650,6 +650,36 @@ def test_any_value_error_on_the_way_is_one_line(served: ServedFleet, monkeypatch
     assert_error(meterlink("read", "--bus", served.url(), A1, "00010000"), re.escape(str(error)))
 
 
+@pytest.mark.parametrize(
+    ("profile", "di", "shown"), [("sgcc-2013", "04000105", "04000105"), ("dlt645-1997", "0123", "0123")]
+)
+def test_an_unknown_di_to_write_is_named_with_all_its_digits(profile: str, di: str, shown: str):
+    result = meterlink("write", "--bus", "tcp://127.0.0.1:1", "--profile", profile, A1, di, "1")
+    assert_usage_error(result, rf"unknown data identifier {shown}$")
+
+
+# --- read --json: an object per DI; the address of the meter that answered --------------------------------
+
+
+def test_read_json_on_a_line_that_cannot_be_opened_still_gives_every_di_its_object():
+    url = f"tcp://127.0.0.1:{free_port()}"
+    result = meterlink("read", "--bus", url, "--json", A1, "00010000", "00900200")
+    assert result.exit_code == 1 and result.stderr == "", result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["address"], r["di"]) for r in rows] == [(A1, "00010000"), (A1, "00900200")]
+    assert all(re.search(r"cannot connect: .*refused", r["error"]) for r in rows), rows
+    bad_url = meterlink("read", "--bus", "tcp://127.0.0.1", "--json", A1, "00010000")
+    assert bad_url.exit_code == 1 and "missing port" in json.loads(bad_url.stdout)["error"]
+
+
+def test_read_json_through_the_wildcard_reports_the_meter_that_answered(served: ServedFleet):
+    result = meterlink("read", "--bus", served.url("bus1"), "--json", "AAAAAAAAAAAA", "00900200", "00900100")
+    assert result.exit_code == 1 and result.stderr == "", result.output  # 00900100: no_data
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["address"], r["di"]) for r in rows] == [(A3, "00900200"), (A3, "00900100")]
+    assert "error" not in rows[0] and rows[1]["error"].startswith(f"meter {A3} refused")
+
+
 # --- the link's log: quiet unless -v (CliRunner hides log output: these run the console script) ---------
 
 

@@ -28,14 +28,15 @@ from protocols.dlt645 import (
     Dlt645Error,
     Edition,
     RelayCommand,
+    decode_frame,
     dumps,
     jsonable,
     normalize_address,
     table_for,
 )
 
-from ..client import MeterClient, ReadFailure, Reading
-from ..errors import GatewayError, LinkDown, NoReply, ReplyMismatch, WrongMeter
+from ..client import FRAME_TAP, MeterClient, ReadFailure, Reading
+from ..errors import GatewayError, LinkDown, MeterRefused, NoReply, ReplyMismatch, WrongMeter
 from ..link import Link, LinkConfig
 
 T = TypeVar("T")
@@ -147,9 +148,11 @@ def _run(
     *,
     reconnect: float = RECONNECT_S,
     verbose: int = 0,
+    on_error: Callable[[str], NoReturn] | None = None,
 ) -> T:
     """Open the line, run ``action`` on it, close it. Every failure (the line, the meter, a value
-    the user gave that only the codec can check) is one error line and exit 1."""
+    the user gave that only the codec can check) is one error line and exit 1 (``on_error``, given
+    the message, may report it otherwise: ``read --json``)."""
     from ..transports import open_transport
 
     async def main() -> T:
@@ -178,7 +181,7 @@ def _run(
     except KeyboardInterrupt:
         click.echo("meterlink: interrupted", err=True)
         sys.exit(130)
-    _fail(message)
+    (on_error or _fail)(message)
 
 
 def _fail(message: str) -> NoReturn:
@@ -216,7 +219,21 @@ def _reading_json(r: Reading) -> dict[str, Any]:
 
 
 def _failure_json(f: ReadFailure) -> dict[str, Any]:
-    return {"address": f.address, "di": f.code, "error": str(f.error)}
+    # A refusal names the meter that refused (through the wildcard: the one that answered).
+    address = f.error.address if isinstance(f.error, MeterRefused) else f.address
+    return {"address": address, "di": f.code, "error": str(f.error)}
+
+
+def _answered_by(frames: list[bytes]) -> str | None:
+    """The address of the last reply among ``frames`` (a transaction's, from :data:`FRAME_TAP`)."""
+    for raw in reversed(frames):
+        try:
+            frame = decode_frame(raw)
+        except Dlt645Error:
+            continue
+        if frame.control.response:
+            return frame.address
+    return None
 
 
 def _failure_text(f: ReadFailure) -> str:
@@ -254,16 +271,23 @@ def read(
     Every DI read is printed, in order; one the meter refuses is an error line naming it
     (stderr; with --json an object with address, di and error on stdout), and the exit status
     is then 1. When the meter stops answering (no reply, another meter's, the line down) that is
-    one error line and the DIs after it are not tried (with --json each still gets its object).
+    one error line and the DIs after it are not tried (with --json each still gets its object,
+    also when the line cannot be opened at all). Read through the wildcard AAAAAAAAAAAA, a value's
+    address is that of the meter that answered.
     """
     prof = PROFILES[profile]
     addr = _address(address)
     ids = [_di(d, prof.edition) for d in dis]
     failed = 0
+    shown = 0
     stopped = False
+    tap: list[bytes] = []  # the frames of the DI being read (FRAME_TAP): whose reply it was
 
     def show(r: Reading | ReadFailure) -> None:  # as each DI is read: a slow line shows progress
-        nonlocal failed, stopped
+        nonlocal failed, shown, stopped
+        frames = tap[:]
+        tap.clear()
+        shown += 1
         if stopped:
             return
         if isinstance(r, ReadFailure):
@@ -275,14 +299,26 @@ def read(
                 # The meter (or the line) is gone: the rest are not tried (MeterClient.read_each),
                 # and one line says so, not one per DI.
                 stopped = isinstance(r.error, (NoReply, WrongMeter, LinkDown))
+        elif as_json:
+            row = _reading_json(r)
+            row["address"] = _answered_by(frames) or r.address
+            click.echo(dumps(row))
         else:
-            click.echo(dumps(_reading_json(r)) if as_json else _reading_text(r))
+            click.echo(_reading_text(r))
+
+    def json_error(message: str) -> NoReturn:
+        """``--json``: the line failed (or never opened): an object for each DI not shown yet."""
+        for di in ids[shown:]:
+            code = f"{di:0{8 if prof.edition is Edition.V2007 else 4}X}"
+            click.echo(dumps({"address": addr, "di": code, "error": message}))
+        sys.exit(EXIT_ERROR)
 
     async def action(link: Link) -> list[Reading | ReadFailure]:
+        FRAME_TAP.set(tap)
         client = MeterClient(link, addr, prof, operator=operator)
         return await client.read_each(ids, on_result=show)
 
-    _run(bus, timeout, retries, action, reconnect=reconnect, verbose=verbose)
+    _run(bus, timeout, retries, action, reconnect=reconnect, verbose=verbose, on_error=json_error if as_json else None)
     if failed:
         sys.exit(EXIT_ERROR)
 
@@ -293,7 +329,8 @@ def _parse_value(di: int, edition: Edition, text: str) -> Any:
 
     item = table_for(edition).get(di)
     if item is None:
-        raise click.BadParameter(f"unknown data identifier {di:X}", param_hint="DI")
+        width = 8 if edition is Edition.V2007 else 4
+        raise click.BadParameter(f"unknown data identifier {di:0{width}X}", param_hint="DI")
     try:
         return parse_value(item.format, text)
     except Dlt645Error as exc:
