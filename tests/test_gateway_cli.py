@@ -744,3 +744,24 @@ def test_a_peer_that_drops_the_connection_fails_in_seconds():
         assert_error(once, r"^meterlink: ")
     finally:
         peer.close()
+
+
+def test_a_relay_command_on_the_bus_is_valid_as_long_as_the_gateways_by_default(
+    served: ServedFleet, monkeypatch: pytest.MonkeyPatch
+):
+    from gateway.client import MeterClient
+    from gateway.service import DEFAULT_VALIDITY
+
+    ends: list[datetime] = []
+    relay = MeterClient.relay
+
+    async def spy(self: MeterClient, command: Any, valid_until: datetime | None = None, **kw: Any) -> Any:
+        ends.append(valid_until)  # type: ignore[arg-type]
+        return await relay(self, command, valid_until, **kw)
+
+    monkeypatch.setattr(MeterClient, "relay", spy)
+    before = datetime.now(UTC)
+    assert_ok(meterlink("relay", "--bus", served.url(), A2, "trip"))
+    assert_ok(meterlink("relay", "--bus", served.url(), A2, "direct-close", "--valid-minutes", "3"))
+    assert abs((ends[0] - before) - DEFAULT_VALIDITY) < timedelta(seconds=5)  # 30 min, as the gateway's
+    assert abs((ends[1] - before) - timedelta(minutes=3)) < timedelta(seconds=5)

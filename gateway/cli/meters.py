@@ -410,10 +410,10 @@ _ACTIONS = {c.name.lower().replace("_", "-"): c for c in RelayCommand}
 @click.option(
     "--valid-minutes",
     type=click.IntRange(1, 24 * 60),
-    default=10,
-    show_default=True,
-    help="The meter refuses the command after this many minutes.",
+    default=None,
+    help="The meter refuses the command after this many minutes (default: the gateway's, 30).",
 )
+@click.option("--valid-until", default=None, metavar="TIME", help="ISO 8601 time after which the meter refuses it.")
 @click.option(
     "--n2", type=click.IntRange(0, 255), default=0, show_default=True, help="Trip-auto-restore delay in 5-minute units."
 )
@@ -434,7 +434,8 @@ def relay(
     reconnect: float,
     verbose: int,
     operator: str,
-    valid_minutes: int,
+    valid_minutes: int | None,
+    valid_until: str | None,
     n2: int,
     plaintext: bool,
     level: str,
@@ -445,24 +446,34 @@ def relay(
     """Relay control: trip, close-allowed, direct-close, alarm, power hold.
 
     With --bus the command goes straight to the meter; without it, through a running gateway
-    (ledger, safety policy, read-back).
+    (ledger, safety policy, read-back). Either way it is valid 30 minutes unless --valid-minutes
+    or --valid-until says otherwise.
     """
+    until = _valid_until(valid_minutes, valid_until)
     if bus is None:
         from .service import submit_and_wait
 
-        body: dict[str, Any] = {
-            "kind": "relay",
-            "address": address,
-            "params": {"action": action, "n2": n2},
-            "valid_until": (datetime.now(METER_TZ) + timedelta(minutes=valid_minutes)).isoformat(),
-        }
+        body: dict[str, Any] = {"kind": "relay", "address": address, "params": {"action": action, "n2": n2}}
+        # No validity given: none is sent, the gateway applies its default (30 minutes) and derives
+        # the same idempotency key for the same command today, so a repeat is the first command.
+        if until is not None:
+            body["valid_until"] = until.isoformat()
         if idem:
             body["idempotency_key"] = idem
-        submit_and_wait(gateway_url, key, body, 30, as_json)
+        hint = None
+        if not idem:
+            hint = (
+                f"(the same {action} command was already submitted today: showing it, nothing was sent "
+                "again; give it its own --idempotency-key to send another)"
+            )
+        submit_and_wait(gateway_url, key, body, 30, as_json, hint)
         return
     prof = PROFILES[profile]
     addr = _address(address)
-    until = datetime.now(METER_TZ) + timedelta(minutes=valid_minutes)
+    if until is None:
+        from ..service import DEFAULT_VALIDITY
+
+        until = datetime.now(METER_TZ) + DEFAULT_VALIDITY
     try:
         level_value = int(level, 16)
     except ValueError:
@@ -477,6 +488,26 @@ def relay(
     result = _run(bus, timeout, retries, run, reconnect=reconnect, verbose=verbose)
     executed = f" ({result.execution.name})" if result.execution else ""
     click.echo(f"{addr}: {action} accepted{executed}")
+
+
+def _valid_until(minutes: int | None, until: str | None) -> datetime | None:
+    """The validity end the user gave (--valid-minutes or --valid-until), else None."""
+    if minutes is not None and until is not None:
+        raise click.UsageError("--valid-minutes and --valid-until exclude each other")
+    if minutes is not None:
+        return datetime.now(METER_TZ) + timedelta(minutes=minutes)
+    if until is None:
+        return None
+    try:
+        when = datetime.fromisoformat(until)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=METER_TZ)
+        when = when.astimezone(METER_TZ)
+    except (ValueError, OverflowError):
+        raise click.BadParameter(f"{until!r} is not an ISO 8601 time", param_hint="--valid-until") from None
+    if when <= datetime.now(METER_TZ):
+        raise click.BadParameter(f"{until!r} is in the past", param_hint="--valid-until")
+    return when
 
 
 @click.command("discover")
