@@ -415,15 +415,15 @@ def test_the_tariff_cli_sends_a_tou_schedule(monkeypatch):
 
     sent = []
     monkeypatch.setattr(cli_service, "submit_and_wait", lambda base, key, body, wait, as_json: sent.append(body))
-    args = [A, "--key", "k", "--tou", json.dumps(TOU), "--tou-switch-at", "2027-01-01T00:00+08:00"]
+    args = [A, "--api-key", "k", "--tou", json.dumps(TOU), "--tou-switch-at", "2027-01-01T00:00+08:00"]
     result = CliRunner().invoke(cli_service.tariff, args)
     assert result.exit_code == 0, result.output
     assert sent == [{"kind": "tariff", "address": A, "params": {"tou": TOU, "tou_switch_at": "2027-01-01T00:00+08:00"}}]
-    now = CliRunner().invoke(cli_service.tariff, [A, "--key", "k", "--tou", json.dumps(TOU), "--current"])
+    now = CliRunner().invoke(cli_service.tariff, [A, "--api-key", "k", "--tou", json.dumps(TOU), "--current"])
     assert now.exit_code == 0 and sent[-1]["params"] == {"tou": TOU, "set": "current"}
-    bad = CliRunner().invoke(cli_service.tariff, [A, "--key", "k", "--tou", "{oops"])
+    bad = CliRunner().invoke(cli_service.tariff, [A, "--api-key", "k", "--tou", "{oops"])
     assert bad.exit_code != 0 and "not JSON" in bad.output
-    alone = CliRunner().invoke(cli_service.tariff, [A, "--key", "k", "--tou-switch-at", "2027-01-01T00:00+08:00"])
+    alone = CliRunner().invoke(cli_service.tariff, [A, "--api-key", "k", "--tou-switch-at", "2027-01-01T00:00+08:00"])
     assert alone.exit_code != 0 and "--tou-switch-at needs --tou" in alone.output
     assert len(sent) == 2
 

@@ -404,8 +404,21 @@ _ACTIONS = {c.name.lower().replace("_", "-"): c for c in RelayCommand}
     show_default=True,
     help="Without --bus: the gateway's API (env METERLINK_GATEWAY).",
 )
-@click.option("--key", envvar="METERLINK_API_KEY", default=None, help="Without --bus: API key (env METERLINK_API_KEY).")
-@click.option("--idempotency-key", "idem", default=None, help="Without --bus: repeat safely with the same key.")
+@click.option(
+    "--api-key",
+    "api_key",
+    envvar="METERLINK_API_KEY",
+    default=None,
+    help="Without --bus: API key (env METERLINK_API_KEY).",
+)
+@click.option(
+    "--key",
+    "--idempotency-key",
+    "idem",
+    default=None,
+    help="Without --bus: the idempotency key; repeat safely with the same key. Default: the gateway derives "
+    "one, so the same command repeated today (nothing else for the meter in between) is the same command.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Without --bus: print the command as JSON.")
 @click.option(
     "--valid-minutes",
@@ -425,7 +438,7 @@ _ACTIONS = {c.name.lower().replace("_", "-"): c for c in RelayCommand}
 def relay(
     bus: str | None,
     gateway_url: str,
-    key: str | None,
+    api_key: str | None,
     idem: str | None,
     as_json: bool,
     profile: str,
@@ -464,9 +477,9 @@ def relay(
         if not idem:
             hint = (
                 f"(the same {action} command was already submitted today: showing it, nothing was sent "
-                "again; give it its own --idempotency-key to send another)"
+                "again; give it its own --key to send another)"
             )
-        submit_and_wait(gateway_url, key, body, 30, as_json, hint)
+        submit_and_wait(gateway_url, api_key, body, 30, as_json, hint)
         return
     prof = PROFILES[profile]
     addr = _address(address)

@@ -1,8 +1,9 @@
 """``meterlink gateway`` runs the service; ``topup``, ``tariff``, ``commands`` (and ``relay``
 without ``--bus``) talk to a running gateway over its REST API.
 
-The API address and key come from ``--gateway`` / ``--key`` or the environment variables
-``METERLINK_GATEWAY`` (default ``http://127.0.0.1:8080``) and ``METERLINK_API_KEY``.
+The API address and key come from ``--gateway`` / ``--api-key`` or the environment variables
+``METERLINK_GATEWAY`` (default ``http://127.0.0.1:8080``) and ``METERLINK_API_KEY``. ``--key``
+(alias ``--idempotency-key``) of the commands that submit one is its idempotency key.
 """
 
 from __future__ import annotations
@@ -93,7 +94,14 @@ def _api_options(f: Any) -> Any:
         show_default=True,
         help="The gateway's API (env METERLINK_GATEWAY).",
     )(f)
-    return click.option("--key", envvar="METERLINK_API_KEY", default=None, help="API key (env METERLINK_API_KEY).")(f)
+    return click.option(
+        "--api-key", "key", envvar="METERLINK_API_KEY", default=None, help="API key (env METERLINK_API_KEY)."
+    )(f)
+
+
+def _idempotency_option(text: str) -> Any:
+    """``--key`` (alias ``--idempotency-key``): the command's idempotency key."""
+    return click.option("--key", "--idempotency-key", "idem", default=None, metavar="KEY", help=text)
 
 
 def api_call(
@@ -169,7 +177,7 @@ def submit_and_wait(
     base: str, key: str | None, body: dict[str, Any], wait: float, as_json: bool, repeat_hint: str | None = None
 ) -> None:
     if not key:
-        _fail("an API key is needed to change anything: --key or METERLINK_API_KEY", 2)
+        _fail("an API key is needed to change anything: --api-key or METERLINK_API_KEY", 2)
     status, reply = api_call(base, "POST", "/commands", key, body)
     if status >= 400:
         _fail(f"rejected ({status}): {_detail(reply)}")
@@ -194,13 +202,10 @@ def submit_and_wait(
 @_api_options
 @click.argument("address")
 @click.argument("amount")
-@click.option(
-    "--idempotency-key",
-    "idem",
-    default=None,
-    help="Repeat with the same key: it applies once. Default: the gateway derives one from the meter, "
-    "the amount and today's date (and the top-up before it), so re-running the same command after a lost "
-    "answer never pays twice.",
+@_idempotency_option(
+    "Idempotency key: repeat with the same key and it applies once. Default: the "
+    "gateway derives one from the meter, the amount and today's date (and the top-up before it), so re-running "
+    "the same command after a lost answer never pays twice."
 )
 @click.option("--new", "again", is_flag=True, help="A second top-up of the same amount today (a fresh key).")
 @click.option("--opening", is_flag=True, help="Account opening (070101FF) instead of a recharge.")
@@ -229,7 +234,7 @@ def topup(
     body = {"kind": "topup", "address": address, "params": {"amount": amount, "opening": opening}}
     hint = None
     if idem and again:
-        raise click.UsageError("--new and --idempotency-key exclude each other")
+        raise click.UsageError("--new and --key (--idempotency-key) exclude each other")
     if idem:
         body["idempotency_key"] = idem
     elif again:
@@ -275,7 +280,10 @@ def topup(
 @click.option(
     "--current", is_flag=True, help="Switch in at once (verified on the current sets) instead of at the switch time."
 )
-@click.option("--idempotency-key", "idem", default=None)
+@_idempotency_option(
+    "Idempotency key: repeat with the same key and it applies once. Default: the "
+    "gateway derives one from the meter, the parameters and today's date (and the tariff command before it)."
+)
 @click.option("--wait", type=click.FloatRange(0, 600), default=30, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def tariff(
@@ -368,7 +376,7 @@ def commands(
 def notice(gateway_url: str, key: str | None, address: str, text: str, sent_at: str | None) -> None:
     """Record that a disconnection notice went out to a meter's customer."""
     if not key:
-        _fail("an API key is needed to change anything: --key or METERLINK_API_KEY", 2)
+        _fail("an API key is needed to change anything: --api-key or METERLINK_API_KEY", 2)
     body: dict[str, Any] = {"text": text}
     if sent_at:
         body["sent_at"] = sent_at
