@@ -304,6 +304,7 @@ class Link:
         self._last_end = 0.0
         self._dirty: tuple[Frame, int | None] | None = None
         self._unsynced: set[str] = set()
+        self._reopen_pause = max(self.config.backoff_s, 0.01)
         """Meters that may still owe a reply (module docs, "Late replies")."""
         """The request (and its baud hint) of the last transaction that lost a reply: the next one guards."""
         self._down_since: float | None = None
@@ -583,6 +584,7 @@ class Link:
 
     def _got_through(self) -> None:
         """A transaction went through the transport: the outage (if any) is over."""
+        self._reopen_pause = max(self.config.backoff_s, 0.01)
         if self._down_since is not None:
             log.info("line %s works again after %.1f s", self.name, time.monotonic() - self._down_since)
             self._down_since = None
@@ -613,12 +615,12 @@ class Link:
 
     async def _reopen(self) -> None:
         """Reopen the transport with backoff until it is up (runs while the line is lost)."""
-        cfg = self.config
         tr = self.transport
-        pause = max(cfg.backoff_s, 0.01)
         while True:
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, REOPEN_PAUSE_MAX_S)
+            # The pause grows across reopens until a transaction gets through: a peer that accepts
+            # the connection and drops it at once is not hammered with reconnects and resends.
+            await asyncio.sleep(self._reopen_pause)
+            self._reopen_pause = min(self._reopen_pause * 2, REOPEN_PAUSE_MAX_S)
             try:
                 if not tr.connected:
                     async with asyncio.timeout(REOPEN_TIMEOUT_S):

@@ -23,7 +23,7 @@ from simline import SimLineTransport
 from gateway.client import MeterClient, Reading
 from gateway.errors import LinkDown, NoReply
 from gateway.ledger import State, Store
-from gateway.link import Expired, Link, LinkConfig
+from gateway.link import REOPEN_PAUSE_MAX_S, Expired, Link, LinkConfig
 from gateway.service import CommandService, MeterEntry, ServiceConfig
 from protocols.dlt645 import Deframer, ReadRequest, RelayCommand
 from protocols.dlt645.security import SecurityDI
@@ -194,6 +194,31 @@ async def test_a_line_that_drops_again_at_once_is_the_same_outage(bus: Bus):
             await MeterClient(link, A1).read(MONEY)
         assert time.monotonic() - began < reconnect + 1.5
         assert link.stats.reconnects >= 2  # it was reopened, and lost again
+
+
+async def test_a_peer_that_accepts_and_drops_is_not_hammered(bus: Bus):
+    """Reopened and lost again at every write: the reopen pause grows across the reopens (it
+    resets only when a transaction gets through), so 3 s cost a handful of reconnects and
+    resends, not one every backoff_s (0.01 s here: before, a reconnect and a resend every few ms)."""
+
+    class Flapping(SimLineTransport):
+        writes = 0
+
+        async def open(self) -> None:
+            self.down = False
+            await super().open()
+
+        async def write(self, data: bytes) -> None:
+            Flapping.writes += 1
+            self.down = True
+            await super().write(data)
+
+    async with Link(Flapping(bus), config(reconnect_s=3.0, retries=0)) as link:
+        with pytest.raises(LinkDown):
+            await MeterClient(link, A1).read(MONEY)
+        assert 2 <= link.stats.reconnects <= 8, link.stats
+        assert Flapping.writes <= 9
+        assert link._reopen_pause == REOPEN_PAUSE_MAX_S  # grown to its cap; reset when one gets through
 
 
 # --- deadlines ----------------------------------------------------------------------------------
