@@ -19,9 +19,10 @@ import click
 from click.core import ParameterSource
 
 from .clock import VirtualClock
+from .faults import Fault
 from .fleet import Fleet
 from .load_profiles import LoadKind
-from .scenario import Scenario, ScenarioError, from_flags, load
+from .scenario import _FAULT_KEYS, Scenario, ScenarioError, fault_table, from_flags, load
 
 
 def _host_port(text: str, what: str) -> tuple[str, int]:
@@ -52,8 +53,23 @@ def _mqtt_url(text: str) -> str:
     return text
 
 
-FLAG_FLEET_OPTIONS = ("buses", "baud", "mode", "balance", "load_kind")
+FLAG_FLEET_OPTIONS = ("buses", "first_address", "baud", "mode", "balance", "load_kind", "price", "prices", "fault")
 """Options that describe the fleet ``--meters N`` builds; a scenario file sets them itself."""
+
+
+def _flag_tariff(price: str | None, prices: str | None) -> dict[str, Any] | None:
+    """``--price YUAN`` / ``--prices P1,P2,P3,P4`` as the scenario ``tariff`` table they stand for.
+
+    Prices stay strings (exact decimals, never floats); :func:`from_flags` validates them as a
+    scenario's ``tariff.prices``.
+    """
+    if price is not None and prices is not None:
+        raise click.UsageError("give --price (one price for T1..T4) or --prices (T1,T2,T3,T4), not both")
+    if price is not None:
+        return {"prices": [price.strip()] * 4}
+    if prices is not None:
+        return {"prices": [p.strip() for p in prices.split(",")]}
+    return None
 
 
 def _tcp_ports_fit(tcp: tuple[str, int], scenario: Scenario) -> None:
@@ -74,7 +90,15 @@ def _tcp_ports_fit(tcp: tuple[str, int], scenario: Scenario) -> None:
     "--meters",
     type=click.IntRange(1, 1_000_000),
     default=None,
-    help="Number of meters (addresses 000000000001 to N), when no scenario file is given.",
+    help="Number of meters (addresses 000000000001 to N, or from --first-address on), when no scenario file is given.",
+)
+@click.option(
+    "--first-address",
+    default="000000000001",
+    show_default=True,
+    metavar="ADDR",
+    help="Without a scenario file: the first meter's 12-digit address, the others follow on "
+    "(two simulators can serve disjoint ranges).",
 )
 @click.option(
     "--buses",
@@ -131,6 +155,28 @@ def _tcp_ports_fit(tcp: tuple[str, int], scenario: Scenario) -> None:
     help="Without a scenario file: the load profile of every meter.",
 )
 @click.option(
+    "--price",
+    default=None,
+    metavar="YUAN",
+    help="Without a scenario file: one price in yuan/kWh (up to 4 decimals) for T1..T4 (default 0.5000).",
+)
+@click.option(
+    "--prices",
+    default=None,
+    metavar="P1,P2,P3,P4",
+    help="Without a scenario file: time-of-use prices in yuan/kWh, T1 sharp, T2 peak, T3 flat, T4 valley "
+    "(4 to 12 of them, up to 4 decimals), on the default TOU schedule.",
+)
+@click.option(
+    "--fault",
+    "fault",
+    multiple=True,
+    metavar="KIND[:KEY=VALUE,...]",
+    help="Without a scenario file: a fault on every meter (each its own copy, as [defaults] faults), "
+    "repeatable, e.g. no_reply:remaining=3, bad_checksum:probability=0.2, late_reply:delay_ms=800. "
+    f"KIND: {', '.join(k.value for k in Fault)}; KEY: {', '.join(sorted(_FAULT_KEYS - {'kind'}))}.",
+)
+@click.option(
     "--summary-every",
     type=click.FloatRange(0),
     default=10.0,
@@ -140,6 +186,7 @@ def _tcp_ports_fit(tcp: tuple[str, int], scenario: Scenario) -> None:
 def sim(
     scenario_file: str | None,
     meters: int | None,
+    first_address: str,
     buses: int,
     tcp: str | None,
     pty: bool,
@@ -154,6 +201,9 @@ def sim(
     mode: str,
     balance: str,
     load_kind: str,
+    price: str | None,
+    prices: str | None,
+    fault: tuple[str, ...],
     summary_every: float,
 ) -> None:
     """Run a simulated meter fleet until interrupted."""
@@ -173,7 +223,8 @@ def sim(
         if given:
             raise click.UsageError(
                 f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to a fleet built with "
-                "--meters N; a scenario file sets buses, baud, mode, balance and load itself ([[bus]], [defaults])"
+                "--meters N; a scenario file sets buses, addresses, baud, mode, balance, load, tariffs and faults "
+                "itself ([[bus]], [defaults])"
             )
     if mqtt is not None:
         _mqtt_url(mqtt)
@@ -189,6 +240,8 @@ def sim(
         if scenario_file is not None:
             scenario = load(scenario_file, timing=timing)
         else:
+            tariff = _flag_tariff(price, prices)
+            faults = [fault_table(text) for text in fault]
             scenario = from_flags(
                 meters or 1,
                 buses,
@@ -198,6 +251,9 @@ def sim(
                 mode=mode,
                 balance=balance,
                 load_kind=load_kind,
+                first_address=first_address,
+                tariff=tariff,
+                faults=faults,
             )
     except ScenarioError as exc:
         raise click.ClickException(str(exc)) from None

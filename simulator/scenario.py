@@ -206,6 +206,8 @@ def _faults(raw: Any, where: str) -> list[FaultSpec]:
                 extra[key] = _int(f[key], f"{here}.{key}", 0, 60_000)
         if "seconds" in f:
             extra["seconds"] = _int(f["seconds"], f"{here}.seconds")
+        if "function" in f:  # link faults: only replies to this function code (as the admin interface's)
+            extra["function"] = _int(f["function"], f"{here}.function", 0, 0x1F)
         if "headroom_hundredths" in f:
             extra["headroom_hundredths"] = _int(f["headroom_hundredths"], f"{here}.headroom_hundredths", 0)
         if "registers" in f:
@@ -648,6 +650,35 @@ def load(path: str | Path, *, timing: bool | None = None) -> Scenario:
     return build(doc, timing=timing)
 
 
+def fault_table(text: str) -> dict[str, Any]:
+    """The CLI's ``--fault KIND[:key=value,...]`` as a scenario fault table (``{kind = KIND, key = value}``).
+
+    A value is read as a TOML value (``3``, ``0.2``, ``0x03``, ``true``), else as a string;
+    ``registers=forward+reverse`` is the list ``["forward", "reverse"]``. Only the syntax is
+    checked here: :func:`from_flags` validates the tables as scenario faults.
+    """
+    kind, _, rest = text.partition(":")
+    table: dict[str, Any] = {"kind": kind.strip()}
+    for item in rest.split(",") if rest.strip() else []:
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or not key:
+            raise ScenarioError(f"fault {text!r}: give KIND[:key=value,...], e.g. no_reply:remaining=3")
+        if key == "kind" or key in table:
+            raise ScenarioError(f"fault {text!r}: {key} is given {'before the colon' if key == 'kind' else 'twice'}")
+        if key == "registers":
+            table[key] = [r.strip() for r in value.split("+")]
+            continue
+        try:
+            table[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            table[key] = value
+    return table
+
+
+_LAST_ADDRESS = int(BROADCAST) - 1
+"""The highest meter address (999999999999 is the broadcast address)."""
+
+
 def from_flags(
     meters: int,
     buses: int = 1,
@@ -660,18 +691,38 @@ def from_flags(
     load_kind: str = "residential",
     start: datetime | None = None,
     speed: float = 1.0,
+    first_address: str = "000000000001",
+    tariff: dict[str, Any] | None = None,
+    faults: list[dict[str, Any]] | None = None,
 ) -> Scenario:
-    """The simple case: N meters (``000000000001`` to N) spread over B buses.
+    """The simple case: N meters (``first_address`` on, by default ``000000000001`` to N) spread over B buses.
 
     ``mode``: ``"local"``, ``"remote"`` or the share of remote meters (``"0.3"``: 30 %, seeded).
     ``balance`` is the local meters' (remote cost-control meters keep no wallet, prepaid.md §1.1).
+    ``tariff`` is a scenario ``tariff`` table (``{"prices": ["0.5000", ...]}``) and ``faults`` a
+    list of scenario fault tables (:func:`fault_table`), both given to every meter as in
+    ``[defaults]``: each meter has its own copy of a fault (``remaining`` counts per meter). They
+    are validated exactly as in a scenario file, and errors name them ``tariff.prices[0]``,
+    ``faults[1].probability``, ``first_address``.
     """
     if meters < 1 or buses < 1:
         raise ScenarioError("need at least one meter and one bus")
     if buses > meters:
         raise ScenarioError("more buses than meters")
+    first = int(_address(first_address, "first_address"))
+    if first + meters - 1 > _LAST_ADDRESS:
+        raise ScenarioError(
+            f"first_address: {meters} meters from {first:012d} would end at {first + meters - 1:012d}, "
+            f"past {_LAST_ADDRESS:012d} (the last meter address; {BROADCAST} is the broadcast address)"
+        )
     per, extra = divmod(meters, buses)
     defaults: dict[str, Any] = {"load": load_kind}
+    if tariff:
+        _tariff(tariff, "tariff")
+        defaults["tariff"] = tariff
+    if faults:
+        _faults(faults, "faults")
+        defaults["faults"] = faults
     if mode != "remote":
         defaults["balance"] = balance  # the local meters' (in a mix too)
     if mode in ("local", "remote"):
@@ -687,11 +738,13 @@ def from_flags(
     doc: dict[str, Any] = {
         "fleet": {"seed": seed, "speed": speed},
         "defaults": defaults,
-        "bus": [
-            {"name": f"bus{k}", "meters": per + (1 if k < extra else 0), "baud": baud, "timing": timing}
-            for k in range(buses)
-        ],
+        "bus": [{"name": f"bus{k}", "baud": baud, "timing": timing} for k in range(buses)],
     }
+    number = first
+    for k, bus in enumerate(doc["bus"]):  # the addresses follow on from bus to bus
+        count = per + (1 if k < extra else 0)
+        bus["addresses"] = [address_of(n) for n in range(number, number + count)]
+        number += count
     scenario = build(doc)
     scenario.start = start or datetime.now(UTC).replace(microsecond=0)
     return scenario

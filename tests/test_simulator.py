@@ -734,3 +734,95 @@ def test_the_rollover_fault_takes_its_parameters_from_the_admin_interface_and_sc
     assert (spec.headroom_hundredths, spec.registers) == (3, ("reactive",))
     with pytest.raises(ScenarioError, match="registers"):
         build(tomllib.loads(text.replace('"reactive"', '"sideways"')))
+
+
+# --- from_flags: addresses, tariffs and faults (meterlink sim --first-address, --price(s), --fault) ----------
+
+
+def test_from_flags_numbers_the_meters_from_the_first_address() -> None:
+    sc = from_flags(5, 2, first_address="000000001001")
+    assert [[m.address for m in b.meters] for b in sc.buses] == [
+        [addr(n) for n in (1001, 1002, 1003)],
+        [addr(1004), addr(1005)],
+    ]
+    assert [m.address for b in from_flags(3).buses for m in b.meters] == [addr(1), addr(2), addr(3)]  # the default
+    assert [m.address for b in from_flags(2, first_address="7").buses for m in b.meters] == [addr(7), addr(8)]
+    # two simulators on disjoint ranges
+    low = {m.address for b in from_flags(100).buses for m in b.meters}
+    high = {m.address for b in from_flags(100, first_address=addr(101)).buses for m in b.meters}
+    assert not low & high and len(low | high) == 200
+    assert [m.address for m in from_flags(1, first_address="999999999998").buses[0].meters] == ["999999999998"]
+    for meters, first, message in [
+        (1, "12345678901234", r"^first_address: .*12 digits"),
+        (1, "999999999999", r"^first_address: .*broadcast"),
+        (1, "AAAAAAAAAAAA", r"^first_address: .*wildcard"),
+        (3, "999999999997", r"^first_address: 3 meters from 999999999997 would end at 999999999999, past 999999999998"),
+    ]:
+        with pytest.raises(ScenarioError, match=message):
+            from_flags(meters, first_address=first)
+
+
+def test_from_flags_tariff_is_the_scenario_tariff_table() -> None:
+    from firmware_stubs.tariff import DEFAULT_TOU, PriceSet
+
+    prices = ["0.8000", "0.6000", "0.5000", "0.3000"]
+    fleet = stepped(3, tariff={"prices": prices})
+    for sim in fleet.meters.values():
+        assert sim.meter.tariff.prices == sim.meter.tariff.backup_prices == PriceSet((8000, 6000, 5000, 3000))
+        assert sim.meter.tariff.tou == DEFAULT_TOU  # time of use on the default schedule
+    # the same as the [defaults] tariff of a scenario file
+    doc = {"defaults": {"tariff": {"prices": prices}}, "bus": [{"meters": 3}]}
+    assert [m.tariff for m in build(doc).buses[0].meters] == [
+        m.tariff for m in from_flags(3, tariff={"prices": prices}).buses[0].meters
+    ]
+    # a flat price: every TOU tariff costs the same, exactly (Decimal from the string)
+    flat = stepped(1, tariff={"prices": ["0.6123"] * 4}, load_kind="constant")
+    assert flat.meter(addr(1)).meter.tariff.prices == PriceSet((6123,) * 4)
+    with pytest.raises(ScenarioError, match=r"^tariff\.prices: price of T1 = 0\.12345 .*4 decimals"):
+        from_flags(1, tariff={"prices": ["0.12345"] * 4})
+    with pytest.raises(ScenarioError, match=r"^tariff\.prices: a price set holds 4\.\.12 prices"):
+        from_flags(1, tariff={"prices": ["0.5", "0.5", "0.5"]})
+    with pytest.raises(ScenarioError, match=r"^tariff\.prices\[1\]: 'x' is not a decimal number"):
+        from_flags(1, tariff={"prices": ["0.5", "x", "0.5", "0.5"]})
+
+
+def test_from_flags_faults_are_scenario_faults_on_every_meter() -> None:
+    from simulator.scenario import fault_table
+
+    assert fault_table("no_reply") == {"kind": "no_reply"}
+    assert fault_table("bad_checksum:probability=0.2, function=0x01") == {
+        "kind": "bad_checksum",
+        "probability": 0.2,
+        "function": 1,
+    }
+    assert fault_table("rollover:headroom_hundredths=5,registers=forward+reverse") == {
+        "kind": "rollover",
+        "headroom_hundredths": 5,
+        "registers": ["forward", "reverse"],
+    }
+    flags = ["no_reply:remaining=3", "late_reply:delay_ms=800"]
+    sc = from_flags(4, 2, faults=[fault_table(f) for f in flags])
+    expected = [FaultSpec(Fault.NO_REPLY, remaining=3), FaultSpec(Fault.LATE_REPLY, delay_ms=800)]
+    assert all(m.faults == expected for b in sc.buses for m in b.meters)
+    assert all(not b.faults for b in sc.buses)  # per meter: each meter counts its own `remaining`
+    doc = {"defaults": {"faults": [fault_table(f) for f in flags]}, "bus": [{"meters": 4}]}
+    assert [m.faults for m in build(doc).buses[0].meters] == [expected] * 4  # as [defaults] faults
+    fleet = stepped(2, faults=[fault_table("no_reply:remaining=1")])
+    assert [fleet.state(addr(n))["faults"] for n in (1, 2)] == [["no_reply"], ["no_reply"]]
+    # the function code (as the admin interface's): a lost recharge reply only
+    [spec] = from_flags(1, faults=[fault_table("no_reply:function=3")]).buses[0].meters[0].faults
+    assert spec.function == 3
+    for text, message in [
+        ("nope", r"^faults\[0\]: kind must be one of no_reply, "),
+        ("no_reply:remaining=0", r"^faults\[0\]\.remaining: 0 must be >= 1"),
+        ("bad_checksum:probability=1.5", r"^faults\[0\]\.probability: 1\.5 must be in 0\.\.1"),
+        ("late_reply:delay=3", r"^faults\[0\]: unknown setting\(s\) delay"),
+        ("late_reply:delay_ms=fast", r"^faults\[0\]\.delay_ms: 'fast' is not an integer"),
+        ("no_reply:function=32", r"^faults\[0\]\.function: 32 must be in 0\.\.31"),
+        ("rollover:registers=sideways", r"^faults\[0\]: rollover registers must be among"),
+    ]:
+        with pytest.raises(ScenarioError, match=message):
+            from_flags(1, faults=[fault_table(text)])
+    for text in ("no_reply:remaining", "no_reply:=3", "no_reply:kind=late_reply", "no_reply:remaining=1,remaining=2"):
+        with pytest.raises(ScenarioError, match=r"^fault 'no_reply:"):
+            fault_table(text)

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -136,6 +137,11 @@ def test_an_mqtt_port_out_of_range_is_refused() -> None:
         (["--baud", "9600"], "--baud applies"),
         (["--buses", "1", "--mode", "remote"], "--buses, --mode apply"),
         (["--balance", "5.00", "--load", "pv"], "--balance, --load apply"),
+        (["--first-address", "000000001001"], "--first-address applies"),
+        (["--price", "0.6000"], "--price applies"),
+        (["--prices", "0.8,0.6,0.5,0.3"], "--prices applies"),
+        (["--fault", "no_reply"], "--fault applies"),
+        (["--fault", "no_reply", "--fault", "late_reply:delay_ms=800"], "--fault applies"),
     ],
 )
 def test_fleet_flags_with_a_scenario_file_are_refused(tmp_path: Path, flags: list[str], named: str) -> None:
@@ -144,6 +150,26 @@ def test_fleet_flags_with_a_scenario_file_are_refused(tmp_path: Path, flags: lis
     result = run_sim(str(scenario), "--tcp", "127.0.0.1:0", *flags)
     assert result.returncode == 2
     assert_one_error_line(result, rf"{re.escape(named)} only to a fleet built with --meters N; a scenario file sets")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--first-address", "12345678901234"], r"first_address: .*12 digits"),
+        (["--first-address", "999999999999"], r"first_address: 999999999999 is not a meter address"),
+        (["--first-address", "999999999998"], r"first_address: 2 meters from 999999999998 would end at"),
+        (["--price", "0.12345"], r"tariff\.prices: price of T1 = 0\.12345 .*4 decimals"),
+        (["--price", "cheap"], r"tariff\.prices\[0\]: 'cheap' is not a decimal number"),
+        (["--prices", "0.8,0.6,0.5"], r"tariff\.prices: a price set holds 4\.\.12 prices"),
+        (["--price", "0.5", "--prices", "0.8,0.6,0.5,0.3"], r"give --price .* or --prices .*, not both"),
+        (["--fault", "no_such_fault"], r"faults\[0\]: kind must be one of no_reply, late_reply"),
+        (["--fault", "no_reply", "--fault", "bad_checksum:probability=1.5"], r"faults\[1\]\.probability: 1\.5"),
+        (["--fault", "late_reply:delay=800"], r"faults\[0\]: unknown setting\(s\) delay \(known: delay_ms"),
+        (["--fault", "no_reply:remaining"], r"fault 'no_reply:remaining': give KIND\[:key=value,\.\.\.\]"),
+    ],
+)
+def test_bad_address_tariff_and_fault_flags_are_one_error_line(flags: list[str], message: str) -> None:
+    assert_one_error_line(run_sim("--meters", "2", "--tcp", "127.0.0.1:0", *flags), message)
 
 
 # --- reads through the printed endpoints ----------------------------------------------------------------
@@ -267,3 +293,57 @@ async def test_a_meter_is_read_over_mqtt_through_the_real_broker(sim_process: li
                 await MeterClient(link, A3, retries=0).read(ENERGY)
         finally:
             await link.stop()
+
+
+PRICES = 0x040501FF  # the current TOU prices T1..T4 (yuan/kWh, 4 decimals)
+
+
+async def read_over_tcp(port: int, address: str, di: int, retries: int = 0) -> object:
+    """One DI of ``address`` with the gateway's own client over the simulator's TCP port."""
+    link = Link(open_transport(f"socket://127.0.0.1:{port}"), LinkConfig(gap_s=0.005))
+    await link.start()
+    try:
+        return (await MeterClient(link, address, retries=retries).read(di)).value
+    finally:
+        await link.stop()
+
+
+async def test_first_address_and_prices_set_the_fleet_built_with_meters_n(sim_process: list[Sim]) -> None:
+    port = free_port()
+    args = ["--meters", "3", "--first-address", "000000001001", "--prices", "0.8000,0.6000,0.5000,0.3000"]
+    sim = Sim(*args, "--tcp", f"127.0.0.1:{port}", "--speed", "0", "--no-timing")
+    sim_process.append(sim)
+    assert sim.seen[0].startswith("meterlink sim: 3 meters on 1 bus"), sim.seen
+    for address in ("000000001001", "000000001003"):
+        assert sim.truth(address)["address"] == address
+        prices = await read_over_tcp(port, address, PRICES)
+        assert prices == [Decimal("0.8000"), Decimal("0.6000"), Decimal("0.5000"), Decimal("0.3000")]
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        sim.truth("000000000001")  # the range starts at --first-address
+    assert missing.value.code == 404
+    with pytest.raises(NoReply):
+        await read_over_tcp(port, "000000000001", ENERGY)
+
+
+async def test_a_flat_price_flag_prices_every_tariff(sim_process: list[Sim]) -> None:
+    port = free_port()
+    sim = Sim("--meters", "1", "--price", "0.6123", "--tcp", f"127.0.0.1:{port}", "--speed", "0", "--no-timing")
+    sim_process.append(sim)
+    assert await read_over_tcp(port, "000000000001", PRICES) == [Decimal("0.6123")] * 4
+
+
+async def test_a_fault_flag_faults_every_meter(sim_process: list[Sim]) -> None:
+    port = free_port()
+    sim = Sim(
+        "--meters", "2", "--fault", "no_reply:remaining=2", "--tcp", f"127.0.0.1:{port}", "--speed", "0", "--no-timing"
+    )
+    sim_process.append(sim)
+    a1, a2 = "000000000001", "000000000002"
+    assert sim.truth(a1)["faults"] == sim.truth(a2)["faults"] == ["no_reply"]
+    for _ in range(2):  # each meter has its own copy: two silent replies
+        with pytest.raises(NoReply):
+            await read_over_tcp(port, a1, ENERGY)
+    assert await read_over_tcp(port, a1, ENERGY) == Decimal(sim.truth(a1)["energy_kwh"])
+    assert sim.truth(a1)["faults"] == [] and sim.truth(a2)["faults"] == ["no_reply"]
+    with pytest.raises(NoReply):
+        await read_over_tcp(port, a2, ENERGY)
