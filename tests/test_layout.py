@@ -68,3 +68,21 @@ def test_no_wall_clock_in_the_codec_and_the_firmware(package: str) -> None:
                 if (name, node.func.attr) in CLOCK_CALLS:
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}.{node.func.attr}()")
     assert found == []
+
+
+def test_a_subcommand_imports_only_what_it_needs() -> None:
+    """``meterlink sim`` loads the simulator's command, not the demo (which imports the gateway's
+    service); a plug-in that fails to load fails alone, with one line (gateway/cli/__init__.py)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from gateway.cli import cli\n"
+        "r = CliRunner().invoke(cli, ['sim', '--help'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(sorted(m for m in ('simulator.demo', 'gateway.service', 'fastapi') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
