@@ -86,3 +86,17 @@ def test_a_subcommand_imports_only_what_it_needs() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_broken_plug_in_fails_alone_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib.metadata import EntryPoint
+
+    from click.testing import CliRunner
+
+    import gateway.cli as cli_module
+
+    broken = EntryPoint(name="broken", value="no_such_module_here:cmd", group="meterlink.commands")
+    monkeypatch.setattr(cli_module, "_plugins", lambda: {"broken": broken})
+    result = CliRunner().invoke(cli_module.cli, ["broken"])
+    assert result.exit_code == 1 and result.output.startswith("Error: the broken command cannot be loaded")
+    assert CliRunner().invoke(cli_module.cli, ["decode", "68AAAAAAAAAAAA68110433333433AE16"]).exit_code == 0
