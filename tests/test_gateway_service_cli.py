@@ -834,6 +834,15 @@ def test_relay_through_the_gateway_sends_no_validity_unless_given(submitted: lis
     assert len(submitted) == 4
 
 
+def test_relay_through_the_gateway_says_whether_a_trip_is_for_arrears(submitted: list[dict[str, Any]]):
+    assert client("relay", A3, "trip", "--api-key", KEY, "--arrears").exit_code == 0
+    assert client("relay", A3, "trip", "--api-key", KEY, "--not-arrears").exit_code == 0
+    assert client("relay", A3, "trip", "--api-key", KEY).exit_code == 0
+    assert [c["params"].get("arrears", "absent") for c in submitted] == [True, False, "absent"]
+    direct = client("relay", "--bus", "tcp://127.0.0.1:1", A3, "trip", "--arrears")
+    assert direct.exit_code == 2 and "leave out --bus" in direct.output
+
+
 @pytest.mark.parametrize("command", [["topup", A1, "5.00"], ["tariff", A1, "0.50"], ["relay", A1, "trip"]])
 def test_key_is_the_idempotency_key_and_api_key_the_api_key(submitted: list[dict[str, Any]], command: list[str]):
     assert client(*command, "--api-key", KEY, "--key", "order-77").exit_code == 0

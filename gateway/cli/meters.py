@@ -433,6 +433,12 @@ _ACTIONS = {c.name.lower().replace("_", "-"): c for c in RelayCommand}
 @click.option("--plaintext", is_flag=True, help="Plaintext 0x1C with a password (meters usually only close).")
 @click.option("--level", default="02", show_default=True)
 @click.option("--password", default="000000", show_default=True)
+@click.option(
+    "--arrears/--not-arrears",
+    default=None,
+    help="Without --bus, for a trip: for arrears (the grace period after zero and the notice rule apply), or "
+    "not (e.g. safety, move-out: neither). Neither given: the grace period still applies.",
+)
 @click.argument("address")
 @click.argument("action", type=click.Choice(sorted(_ACTIONS)))
 def relay(
@@ -453,6 +459,7 @@ def relay(
     plaintext: bool,
     level: str,
     password: str,
+    arrears: bool | None,
     address: str,
     action: str,
 ) -> None:
@@ -467,6 +474,8 @@ def relay(
         from .service import submit_and_wait
 
         body: dict[str, Any] = {"kind": "relay", "address": address, "params": {"action": action, "n2": n2}}
+        if arrears is not None:
+            body["params"]["arrears"] = arrears
         # No validity given: none is sent, the gateway applies its default (30 minutes) and derives
         # the same idempotency key for the same command today, so a repeat is the first command.
         if until is not None:
@@ -481,6 +490,8 @@ def relay(
             )
         submit_and_wait(gateway_url, api_key, body, 30, as_json, hint)
         return
+    if arrears is not None:
+        raise click.UsageError("--arrears/--not-arrears are for the gateway's safety policy: leave out --bus")
     prof = PROFILES[profile]
     addr = _address(address)
     if until is None:
