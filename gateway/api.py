@@ -37,6 +37,7 @@ from pydantic import (
     Field,
     StrictInt,
     WithJsonSchema,
+    model_validator,
 )
 
 from protocols.dlt645 import normalize_address
@@ -80,16 +81,16 @@ def _decimal(value: Any, places: int, low: Decimal, high: Decimal, unit: str) ->
     return str(number.quantize(step))
 
 
-def _money_type(low: str, high: str, description: str, example: str) -> Any:
+def _money_type(low: str, high: str, description: str, example: str, unit: str = "yuan") -> Any:
     lo, hi = Decimal(low), Decimal(high)
     return Annotated[
         str,
-        BeforeValidator(lambda v: _decimal(v, 2, lo, hi, "yuan")),
+        BeforeValidator(lambda v: _decimal(v, 2, lo, hi, unit)),
         WithJsonSchema(
             {
                 "type": "string",
                 "pattern": r"^\d{1,6}(\.\d{1,2})?$",
-                "description": f"{description} Decimal string in yuan, at most 2 decimals ({low}..{high}); "
+                "description": f"{description} Decimal string in {unit}, at most 2 decimals ({low}..{high}); "
                 "a JSON number is accepted only if it has at most 2 decimals.",
                 "examples": [example],
             }
@@ -98,6 +99,7 @@ def _money_type(low: str, high: str, description: str, example: str) -> Any:
 
 
 TopupAmount = _money_type("0.01", "999999.99", "Amount to add to the meter's balance.", "50.00")
+TopupEnergy = _money_type("0.01", "999999.99", "Energy to add to an energy-wallet meter.", "100.00", "kWh")
 Threshold = _money_type("0", "999999.99", "Amount threshold (XXXXXX.XX on the meter).", "20.00")
 Price = Annotated[
     str,
@@ -118,6 +120,8 @@ def _params_view(command: Command) -> dict[str, Any]:
     params = dict(command.params)
     if command.kind is Kind.TOPUP and "amount_fen" in params:
         params["amount"] = _yuan(params["amount_fen"])
+    if command.kind is Kind.TOPUP and "energy_hundredths" in params:
+        params["energy_kwh"] = _yuan(params["energy_hundredths"])  # the same 2-decimal text, in kWh
     return params
 
 
@@ -162,9 +166,20 @@ class TopupParams(_Strict):
     """Top up the meter's balance (local cost control: on the meter, exactly once by purchase count;
     remote cost control: booked in the gateway's wallet)."""
 
-    model_config = ConfigDict(title="Top-up parameters", json_schema_extra={"examples": [{"amount": "50.00"}]})
-    amount: TopupAmount
+    model_config = ConfigDict(
+        title="Top-up parameters", json_schema_extra={"examples": [{"amount": "50.00"}, {"energy_kwh": "100.00"}]}
+    )
+    amount: TopupAmount | None = Field(None, description="Yuan to add (a money wallet: most meters).")
+    energy_kwh: TopupEnergy | None = Field(
+        None, description="kWh to add, for a meter with an energy wallet (prepaid.md §1.8); not with amount."
+    )
     opening: bool = Field(False, description="Account opening (070101FF) instead of a recharge.")
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> "TopupParams":
+        if (self.amount is None) == (self.energy_kwh is None):
+            raise ValueError("give amount (yuan) or, for an energy-wallet meter, energy_kwh: one of them")
+        return self
 
 
 class RelayParams(_Strict):

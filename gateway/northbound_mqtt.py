@@ -192,6 +192,8 @@ def command_view(command: Command) -> dict[str, Any]:
     params = dict(view["params"])
     if command.kind is Kind.TOPUP and "amount_fen" in params:
         params["amount"] = hundredths(params["amount_fen"])
+    if command.kind is Kind.TOPUP and "energy_hundredths" in params:
+        params["energy_kwh"] = hundredths(params["energy_hundredths"])
     view["params"] = params
     return view
 

@@ -129,6 +129,17 @@ def _fen(value: Any, what: str) -> int:
     return int(amount.scaleb(2))
 
 
+def _topup_amount(command: Command) -> int:
+    """A top-up's amount in the wallet's unit: fen, or 0.01 kWh for an energy wallet."""
+    params = command.params
+    return int(params["energy_hundredths"] if "energy_hundredths" in params else params["amount_fen"])
+
+
+def _balance_di(command: Command) -> int:
+    """Where the meter shows what a top-up adds to: remaining money 00900200, or energy 00900100."""
+    return 0x00900100 if "energy_hundredths" in command.params else 0x00900200
+
+
 def _flag(params: dict[str, Any], name: str) -> bool:
     """A JSON boolean (MQTT passes params through as they are: "false" must not read as true)."""
     value = params.get(name, False)
@@ -360,12 +371,20 @@ class CommandService:
         """Normalised parameters, or :class:`InvalidCommand` (nothing is recorded)."""
         p = dict(params)
         if kind is Kind.TOPUP:
-            _known(p, {"amount", "opening"}, "top-up")
+            _known(p, {"amount", "energy_kwh", "opening"}, "top-up")
             if entry.wallet == "energy" and entry.mode == "local":
-                # Its 070102FF amount is in 0.01 kWh (prepaid.md §1.8): a yuan amount would be wrong.
-                raise InvalidCommand(
-                    f"meter {entry.address} has an energy wallet (kWh): the command service tops up money wallets only"
-                )
+                # Its wallet holds kWh and its 070102FF amount is in 0.01 kWh (prepaid.md §1.8; our
+                # simulated ESAM's reading [A]): the request says kWh, never a yuan amount.
+                if "amount" in p or "energy_kwh" not in p:
+                    raise InvalidCommand(
+                        f"meter {entry.address} has an energy wallet: give energy_kwh (kWh to add), not a yuan amount"
+                    )
+                energy = _fen(p.get("energy_kwh"), "energy_kwh")
+                if not 1 <= energy <= 99_999_999:
+                    raise InvalidCommand("energy_kwh must be 0.01 .. 999999.99 kWh")
+                return {"energy_hundredths": energy, "opening": _flag(p, "opening")}
+            if "energy_kwh" in p:
+                raise InvalidCommand(f"meter {entry.address} has a money wallet: give amount (yuan), not energy_kwh")
             amount = _fen(p.get("amount"), "amount")
             if not 1 <= amount <= 99_999_999:
                 raise InvalidCommand("amount must be 0.01 .. 999999.99 yuan")
@@ -764,7 +783,7 @@ class CommandService:
             n = int(command.progress["purchase_count"])
             count = await client.purchase_count()
             if count == n:
-                amount = int(command.params["amount_fen"])
+                amount = _topup_amount(command)
                 await self._confirm_topup(command, client, n, amount, "applied before its validity ended")
             elif count == n - 1:
                 error = f"validity ended; the meter's purchase count is {count}, so it does not have it; not sent again"
@@ -782,7 +801,7 @@ class CommandService:
         if entry.mode == "remote":
             await self._topup_remote(command, entry)
             return
-        amount = int(command.params["amount_fen"])
+        amount = _topup_amount(command)
         opening = bool(command.params.get("opening"))
         client = self.client(entry)
         progress = dict(command.progress)
@@ -798,7 +817,7 @@ class CommandService:
                 )
                 return
             # A plain read first: a meter that does not answer fails fast, before an ESAM session.
-            balance = (await client.read(0x00900200)).value
+            balance = (await client.read(_balance_di(command))).value
         count_now = await client.purchase_count()
         if "purchase_count" not in progress and opening and count_now != 0:
             # Opening with count 1 on a meter that has 1 only marks it opened and adds nothing;
@@ -860,13 +879,15 @@ class CommandService:
 
     async def _confirm_topup(self, command: Command, client: MeterClient, n: int, amount: int, outcome: str) -> None:
         count = await client.purchase_count()
-        balance = (await client.read(0x00900200)).value
+        balance = (await client.read(_balance_di(command))).value
         result = {
             "purchase_count": count,
             "balance_after": str(balance),
             "outcome": outcome,
             "amount": str(Decimal(amount).scaleb(-2)),
         }
+        if "energy_hundredths" in command.params:
+            result["unit"] = "kWh"
         if count != n:
             await self._move(
                 command,

@@ -137,8 +137,11 @@ def test_openapi_document_lists_the_endpoints_and_the_api_key_scheme(api: Api):
     examples = post["requestBody"]["content"]["application/json"]["examples"]
     assert examples["topup"]["value"]["params"] == {"amount": "50.00"}
     assert "Idempotency-Key" in {p["name"] for p in post["parameters"]}
-    amount = doc["components"]["schemas"]["TopupParams"]["properties"]["amount"]
-    assert amount["type"] == "string" and amount["examples"] == ["50.00"]
+    props = doc["components"]["schemas"]["TopupParams"]["properties"]
+    amount = next(b for b in props["amount"].get("anyOf", [props["amount"]]) if b.get("type") == "string")
+    assert amount["examples"] == ["50.00"] and "yuan" in amount["description"]
+    energy = next(b for b in props["energy_kwh"].get("anyOf", [props["energy_kwh"]]) if b.get("type") == "string")
+    assert "kWh" in energy["description"]
     assert "rate_per_s" in doc["paths"]["/commands/batch"]["post"]["description"]
     assert "text/csv" in doc["paths"]["/audit"]["get"]["responses"]["200"]["content"]
     assert api.client.get("/docs").status_code == 200
@@ -705,6 +708,17 @@ def test_audit_json_and_csv_say_who_what_when_frames_outcome(api: Api):
     assert json.loads(last["detail"]) == {"verified": True}
     assert last["frames"].split() == FRAMES
     assert datetime.fromisoformat(last["at"]) == datetime.fromisoformat(rows[3]["at"])
+
+
+def test_an_energy_wallet_top_up_says_kwh(api: Api):
+    api.service.meters[A3] = dataclasses.replace(api.service.meters[A3], wallet="energy")
+    reply = api.post({"kind": "topup", "address": A3, "params": {"energy_kwh": "12.50"}})
+    assert reply.status_code == 201, reply.text
+    assert reply.json()["params"] == {"energy_hundredths": 1250, "energy_kwh": "12.50", "opening": False}
+    for params in ({"amount": "5.00"}, {}, {"amount": "5.00", "energy_kwh": "1.00"}, {"energy_kwh": "1.234"}):
+        assert api.post({"kind": "topup", "address": A3, "params": params}).status_code == 422, params
+    assert api.post({"kind": "topup", "address": A1, "params": {"energy_kwh": "1.00"}}).status_code == 422
+    assert len(api.commands()) == 1
 
 
 def test_audit_by_meter_and_customer_and_in_pages(api: Api):

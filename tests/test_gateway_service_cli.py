@@ -834,6 +834,15 @@ def test_relay_through_the_gateway_sends_no_validity_unless_given(submitted: lis
     assert len(submitted) == 4
 
 
+def test_topup_kwh_sends_energy_for_an_energy_wallet(submitted: list[dict[str, Any]]):
+    assert client("topup", A1, "25.50", "--api-key", KEY, "--kwh").exit_code == 0
+    assert client("topup", A1, "25.50", "--api-key", KEY).exit_code == 0
+    assert [c["params"] for c in submitted] == [
+        {"energy_kwh": "25.50", "opening": False},
+        {"amount": "25.50", "opening": False},
+    ]
+
+
 def test_relay_through_the_gateway_says_whether_a_trip_is_for_arrears(submitted: list[dict[str, Any]]):
     assert client("relay", A3, "trip", "--api-key", KEY, "--arrears").exit_code == 0
     assert client("relay", A3, "trip", "--api-key", KEY, "--not-arrears").exit_code == 0

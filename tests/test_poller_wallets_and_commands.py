@@ -298,3 +298,35 @@ def test_amounts_and_threshold_registers_have_one_definition():
     assert [hundredths(n) for n in (None, 0, 5, -100, 12345)] == [None, "0.00", "0.05", "-1.00", "123.45"]
     assert THRESHOLD_DIS == {k: service.PARAM_DIS[k] for k in ("alarm_1", "alarm_2", "overdraft")}
     assert ENERGY_THRESHOLD_DIS == {"alarm_1": 0x04000F01, "alarm_2": 0x04000F02, "overdraft": 0x04000F04}
+
+
+async def test_an_energy_wallet_is_topped_up_in_kwh_exactly_once(tmp_path: Path):
+    """prepaid.md §1.8: an energy-type meter holds kWh; its top-up says kWh (energy_kwh), goes in
+    0.01 kWh through the same MAC'd recharge and purchase count, and is read back from 00900100.
+    A yuan amount for it (or kWh for a money meter) is refused before anything is recorded."""
+    async with bench(tmp_path, [energy_meter(), MeterSpec(M2)]) as b:
+        before = b.truth(M1)
+        with pytest.raises(service.InvalidCommand, match="energy wallet: give energy_kwh"):
+            await b.service.submit("e-bad", "topup", M1, {"amount": "10.00"}, "ops")
+        with pytest.raises(service.InvalidCommand, match="money wallet: give amount"):
+            await b.service.submit("m-bad", "topup", M2, {"energy_kwh": "10.00"}, "ops")
+        assert await b.store.commands() == []
+        command, _ = await b.service.submit("e-1", "topup", M1, {"energy_kwh": "25.50"}, "ops")
+        assert command.params == {"energy_hundredths": 2550, "opening": False}
+        await b.service.drain()
+        done = await b.store.get(command.id)
+        assert done.state is State.CONFIRMED, await b.store.events(command_id=command.id)
+        after = b.truth(M1)
+        assert after["purchase_count"] == before["purchase_count"] + 1
+        added = Decimal(after["remaining_energy_kwh"]) - Decimal(before["remaining_energy_kwh"])
+        assert added == Decimal("25.50")  # no time passed: nothing was drawn meanwhile
+        assert done.result["unit"] == "kWh" and done.result["amount"] == "25.50"
+        assert Decimal(done.result["balance_after"]) == Decimal(after["remaining_energy_kwh"])
+        # A request without a key, repeated: the same command, applied once.
+        auto, created = await b.service.submit(None, "topup", M1, {"energy_kwh": "1.00"}, "ops")
+        same, created_again = await b.service.submit(None, "topup", M1, {"energy_kwh": "1.00"}, "ops")
+        assert created and not created_again and same.id == auto.id
+        await b.service.drain()
+        assert (await b.store.get(auto.id)).state is State.CONFIRMED
+        assert b.truth(M1)["purchase_count"] == after["purchase_count"] + 1
+        assert api._params_view(done)["energy_kwh"] == "25.50"

@@ -209,6 +209,7 @@ def submit_and_wait(
 )
 @click.option("--new", "again", is_flag=True, help="A second top-up of the same amount today (a fresh key).")
 @click.option("--opening", is_flag=True, help="Account opening (070101FF) instead of a recharge.")
+@click.option("--kwh", is_flag=True, help="AMOUNT is kWh, for a meter with an energy wallet (prepaid.md §1.8).")
 @click.option(
     "--wait",
     type=click.FloatRange(0, 600),
@@ -225,13 +226,15 @@ def topup(
     idem: str | None,
     again: bool,
     opening: bool,
+    kwh: bool,
     wait: float,
     as_json: bool,
 ) -> None:
-    """Top up a meter's balance by AMOUNT yuan (e.g. 50.00)."""
+    """Top up a meter's balance by AMOUNT yuan (e.g. 50.00), or with --kwh its energy wallet by AMOUNT kWh."""
     from protocols.dlt645 import Dlt645Error, normalize_address
 
-    body = {"kind": "topup", "address": address, "params": {"amount": amount, "opening": opening}}
+    field = "energy_kwh" if kwh else "amount"
+    body = {"kind": "topup", "address": address, "params": {field: amount, "opening": opening}}
     hint = None
     if idem and again:
         raise click.UsageError("--new and --key (--idempotency-key) exclude each other")
@@ -243,7 +246,8 @@ def topup(
         # No key: the gateway derives one (gateway/service.py CommandService._derived_key): the
         # same meter, amount and day, with no other top-up in between, is the same top-up.
         try:
-            shown = f"{Decimal(amount).quantize(Decimal('0.01'))} to {normalize_address(address)}"
+            unit = " kWh" if kwh else ""
+            shown = f"{Decimal(amount).quantize(Decimal('0.01'))}{unit} to {normalize_address(address)}"
         except (Dlt645Error, InvalidOperation, ValueError):
             shown = f"{amount} to {address}"
         hint = (
