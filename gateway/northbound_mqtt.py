@@ -25,10 +25,11 @@ topic                                      direction   payload
      "params": {"amount": "50.00"}, "actor": "cashier-7",
      "idempotency_key": "receipt-981"?, "valid_until": "2026-11-27T10:00:00+08:00"?}
 
-``kind`` is ``topup`` (``params``: ``amount`` yuan, ``opening``), ``relay`` (``action``:
-``trip``, ``direct-close``, ``close-allowed``, ``alarm-on``, ``power-hold-on``, ...; ``n2``,
-``arrears``), ``tariff`` (``prices``, ``switch_at``), ``params`` (``alarm_1``, ``alarm_2``,
-``overdraft``, ``hoarding``, ``close_allowed``) or ``time_sync``. ``correlation_id`` is 1..128
+``kind`` is ``topup`` (``params``: ``amount`` yuan, or ``energy_kwh`` for an energy wallet,
+``opening``), ``relay`` (``action``: ``trip``, ``direct-close``, ``close-allowed``,
+``alarm-on``, ``power-hold-on``, ...; ``n2``, ``arrears``), ``tariff`` (``prices``,
+``switch_at``), ``params`` (``alarm_1``, ``alarm_2``, ``overdraft``, ``hoarding``,
+``close_allowed``) or ``time_sync``. ``correlation_id`` is 1..128
 characters without ``/``, ``+``, ``#``, white space or control characters (a UUID is fine); it
 names the result topic. Without ``idempotency_key`` the key is ``mqtt:<correlation_id>``, so a
 command re-sent with the same correlation id (a QoS 1 redelivery, or a client that re-sends
