@@ -918,7 +918,8 @@ def create_api(
         # One ledger call: the store returns the first command if the key exists (and records nothing).
         command, created = await service.submit(key, kind, entry.address, raw, actor, valid_until=body.valid_until)
         if not created:  # the key was used before (or concurrently)
-            if not _same_body(command, kind, entry.address, clean, body.valid_until):
+            # A derived key leaves the validity out (CommandService._derived_key): so does the check.
+            if not _same_body(command, kind, entry.address, clean, body.valid_until if key else None):
                 raise _conflict(key or "")
             response.status_code = 200
         else:

@@ -539,17 +539,16 @@ class CommandService:
         """The idempotency key of a request that brings none: a repeat of the same request is the
         same command.
 
-        A repeat is the same kind, meter, parameters and validity on the same day (meter time,
-        so a top-up repeated after a timeout applies once), with no other command of that kind
-        for the meter in between (so trip, close, trip are three commands: the second trip is
-        anchored to the close). A deliberate second identical command on the same day needs a
-        key of its own.
+        A repeat is the same kind, meter and parameters on the same day (meter time, so a
+        top-up repeated after a timeout applies once), with no other command of that kind for
+        the meter in between (so trip, close, trip are three commands: the second trip is
+        anchored to the close). The validity is not part of it: a client that says "valid for 5
+        minutes" says a different end time each time it repeats the request, and a repeated
+        top-up must never pay twice. A deliberate second identical command on the same day needs
+        a key of its own.
         """
-        body = {
-            "params": clean,
-            "valid_until": valid_until.isoformat() if valid_until else None,
-            "not_before": not_before.isoformat() if not_before else None,
-        }
+        del valid_until  # see above
+        body = {"params": clean, "not_before": not_before.isoformat() if not_before else None}
         digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
         prefix = f"auto:{kind.value}:{address}:{now.astimezone(METER_TZ).date().isoformat()}:{digest}:"
         anchor = "-"

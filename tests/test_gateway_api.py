@@ -267,6 +267,24 @@ def test_without_an_idempotency_key_a_repeated_post_is_the_first_command(api: Ap
     assert len(api.commands()) == 3
 
 
+def test_a_repeat_with_a_relative_validity_is_the_first_command(api: Api):
+    """A client that says "valid for 5 minutes" sends another end time with each repeat; without
+    a key of its own it is still the same request (and a repeated top-up must never pay twice)."""
+
+    def relay(minutes: float) -> Any:
+        until = (datetime.now(UTC) + timedelta(minutes=minutes)).isoformat()
+        return api.post({"kind": "relay", "address": A1, "params": {"action": "trip"}, "valid_until": until})
+
+    first = relay(5)
+    assert first.status_code == 201, first.text
+    again = relay(5.5)
+    assert (again.status_code, again.json()["id"]) == (200, first.json()["id"])
+    paid = api.post(topup(valid_until=(datetime.now(UTC) + timedelta(hours=1)).isoformat()))
+    repeat = api.post(topup(valid_until=(datetime.now(UTC) + timedelta(hours=2)).isoformat()))
+    assert (repeat.status_code, repeat.json()["id"]) == (200, paid.json()["id"])
+    assert len(api.commands()) == 2
+
+
 def test_derived_keys_anchor_on_the_last_other_command_of_the_kind(api: Api):
     def relay(action: str) -> Any:
         return api.post({"kind": "relay", "address": A1, "params": {"action": action}})
