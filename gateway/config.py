@@ -274,6 +274,8 @@ def build(doc: dict[str, Any]) -> GatewayConfig:
             "require_notice",
             "notice_residential_days",
             "notice_other_days",
+            "reminder_hours",
+            "notice_valid_days",
         },
         "[policy]",
     )
@@ -295,6 +297,8 @@ def build(doc: dict[str, Any]) -> GatewayConfig:
         require_notice=_bool(pol, "require_notice", False, "[policy]"),
         notice_residential=timedelta(days=_number(pol, "notice_residential_days", 7, "[policy]")),
         notice_other=timedelta(days=_number(pol, "notice_other_days", 3, "[policy]")),
+        reminder=timedelta(hours=_number(pol, "reminder_hours", 1, "[policy]")),
+        notice_valid=timedelta(days=_number(pol, "notice_valid_days", 30, "[policy]")),
     )
     svc = _table(doc, "service")
     _keys(svc, {"max_attempts", "retry_delay_s", "rate_per_s", "concurrency", "lease_s", "operator"}, "[service]")

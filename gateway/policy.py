@@ -27,6 +27,10 @@ class Refusal:
     reason: str
 
 
+REMINDER_VALID = timedelta(hours=24)
+"""A reminder counts for a trip within this long after it [A]."""
+
+
 @dataclass(frozen=True, slots=True)
 class CustomerFacts:
     """What the policy needs to know about the customer behind a meter."""
@@ -36,7 +40,9 @@ class CustomerFacts:
     zero_since: datetime | None = None
     """When the balance reached zero (None: it has not)."""
     notice_sent: datetime | None = None
-    """When the disconnection notice went out (None: never)."""
+    """When the latest disconnection notice went out (None: never)."""
+    notices: tuple[datetime, ...] = ()
+    """Every recent notice, oldest first (the notice and its reminders); empty: only ``notice_sent``."""
 
 
 @dataclass
@@ -54,6 +60,11 @@ class Policy:
     """Time after the balance reaches zero before a trip (Shijiazhuang, prepaid.md §1.1)."""
     notice_residential: timedelta = timedelta(days=7)
     notice_other: timedelta = timedelta(days=3)
+    reminder: timedelta = timedelta(hours=1)
+    """Non-residential customers: a reminder at least this long before the trip, besides the
+    notice (prepaid.md §5.2: "plus a reminder 1 h before"); 0: none needed."""
+    notice_valid: timedelta = timedelta(days=30)
+    """A notice older than this no longer counts [A] (the reference gives no number)."""
     require_notice: bool = False
     """Require a recorded notice before arrears trips (off by default: the meters' operator records it)."""
     dry_run: bool = False
@@ -133,9 +144,28 @@ class Policy:
             reason = f"balance reached zero less than {self.grace} ago (trip from {until:%Y-%m-%d %H:%M})"
             return Refusal("grace_period", reason)
         if arrears is True and self.require_notice:
-            if facts.notice_sent is None:
-                return Refusal("notice", "no disconnection notice was sent")
-            period = self.notice_residential if facts.residential else self.notice_other
-            if now < facts.notice_sent + period:
-                return Refusal("notice", f"the notice period of {period.days} days has not run")
+            return self._notice(facts, now)
+        return None
+
+    def _notice(self, facts: CustomerFacts, now: datetime) -> Refusal | None:
+        """The notice rule of prepaid.md §5.2: a notice at least 7 days (residential) or 3 days
+        (others) before the trip, counted from the first recent notice, and for non-residential
+        customers a reminder at least 1 h before it (sent within the last day [A])."""
+        sent = sorted(set(facts.notices) | ({facts.notice_sent} if facts.notice_sent else set()))
+        recent = [n for n in sent if now - self.notice_valid <= n <= now]
+        if not recent:
+            return Refusal("notice", "no disconnection notice was sent")
+        period = self.notice_residential if facts.residential else self.notice_other
+        if now < recent[0] + period:
+            return Refusal("notice", f"the notice period of {period.days} days has not run")
+        if facts.residential or self.reminder <= timedelta(0):
+            return None
+        reminders = [n for n in recent[1:] if now - REMINDER_VALID <= n <= now - self.reminder]
+        if not reminders:
+            hours = self.reminder.total_seconds() / 3600
+            return Refusal(
+                "notice",
+                f"a non-residential customer needs a reminder at least {hours:g} h before the trip, within the last "
+                "day, besides the notice (prepaid.md §5.2)",
+            )
         return None

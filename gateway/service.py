@@ -351,6 +351,8 @@ class CommandService:
         """Called after every state change (the MQTT northbound publishes from here)."""
         self.zero_since: dict[str, datetime] = {}
         self.notice_sent: dict[str, datetime] = {}
+        self.notices: dict[str, tuple[datetime, ...]] = {}
+        """Each customer's recent notices, oldest first (the notice and its reminders)."""
         """When each customer's disconnection notice went out (the policy's notice rule)."""
         self.power_hold: dict[str, bool] = {}
         """Power hold as the latest confirmed power-hold command left it (besides the configuration)."""
@@ -977,6 +979,7 @@ class CommandService:
             residential=entry.residential,
             zero_since=self.zero_since.get(entry.address),
             notice_sent=self.notice_sent.get(entry.address),
+            notices=self.notices.get(entry.address, ()),
         )
 
     async def _facts(self, entry: MeterEntry) -> CustomerFacts:
@@ -988,6 +991,8 @@ class CommandService:
         sent = await self.store.last_notice(address)  # notices outlive a restart
         if sent is not None:
             self.notice_sent[address] = sent
+        if self.policy.require_notice:
+            self.notices[address] = tuple(await self.store.notices(address, self.now() - self.policy.notice_valid))
         if entry.mode == "remote":
             zero = await self.store.zero_since(address)
             if zero is None:
@@ -1010,6 +1015,7 @@ class CommandService:
         await self.store.record_notice(entry.address, when, actor, text)
         latest = self.notice_sent.get(entry.address)
         self.notice_sent[entry.address] = when if latest is None or when > latest else latest
+        self.notices[entry.address] = tuple(sorted({*self.notices.get(entry.address, ()), when}))
         return when
 
     async def _relay(self, command: Command, entry: MeterEntry) -> None:

@@ -26,7 +26,7 @@ from gateway.config import build
 from gateway.holidays import CN_PUBLIC_HOLIDAYS
 from gateway.ledger import Command, Event, State, Store
 from gateway.link import Link, LinkConfig
-from gateway.policy import TRIP_ACTIONS, CustomerFacts, Policy
+from gateway.policy import TRIP_ACTIONS, CustomerFacts, Policy, Refusal
 from gateway.service import RELAY_ACTIONS, CommandService, InvalidCommand, MeterEntry, ServiceConfig
 from protocols.dlt645 import METER_TZ
 from simulator.clock import VirtualClock
@@ -236,8 +236,9 @@ def test_required_notice_periods_7_days_residential_3_days_other():
     def residential(ago: timedelta) -> str | None:
         return rule(policy, now, CustomerFacts(residential=True, notice_sent=now - ago), arrears=True)
 
-    def other(ago: timedelta) -> str | None:
-        return rule(policy, now, CustomerFacts(residential=False, notice_sent=now - ago), arrears=True)
+    def other(ago: timedelta) -> str | None:  # with its reminder 2 h before the trip
+        sent = (now - ago, now - timedelta(hours=2))
+        return rule(policy, now, CustomerFacts(residential=False, notices=sent), arrears=True)
 
     assert residential(timedelta(days=7) - timedelta(microseconds=1)) == "notice"
     assert residential(timedelta(days=7)) is None
@@ -250,6 +251,10 @@ def test_required_notice_periods_7_days_residential_3_days_other():
         "trip", CustomerFacts(residential=False, notice_sent=now - timedelta(days=1)), now, arrears=True
     )
     assert three is not None and "3 days" in three.reason
+    # The period counts from the first notice: a later one (a reminder) does not restart it.
+    assert residential(timedelta(days=8)) is None
+    later = CustomerFacts(notices=(now - timedelta(days=8), now - timedelta(hours=1)))
+    assert rule(policy, now, later, arrears=True) is None
     assert rule(policy, now, CustomerFacts()) is None  # not an arrears trip: no notice needed
 
 
@@ -258,11 +263,35 @@ def test_notice_periods_are_configurable_and_grace_comes_first():
     now = at(TUE, 11)
     assert rule(policy, now, CustomerFacts(notice_sent=now - timedelta(days=9)), arrears=True) == "notice"
     assert rule(policy, now, CustomerFacts(notice_sent=now - timedelta(days=10)), arrears=True) is None
-    assert (
-        rule(policy, now, CustomerFacts(residential=False, notice_sent=now - timedelta(days=1)), arrears=True) is None
-    )
+    shop = CustomerFacts(residential=False, notices=(now - timedelta(days=1), now - timedelta(hours=1)))
+    assert rule(policy, now, shop, arrears=True) is None
     both = CustomerFacts(zero_since=now - timedelta(hours=1), notice_sent=None)
     assert rule(policy, now, both, arrears=True) == "grace_period"
+
+
+def test_non_residential_customers_need_a_reminder_1_h_before_the_trip():
+    """prepaid.md §5.2: non-residential, at least 3 days' notice "plus a reminder 1 h before"."""
+    policy = Policy(require_notice=True)
+    now = at(TUE, 11)
+    notice = now - timedelta(days=4)
+
+    def shop(*reminders: timedelta) -> Refusal | None:
+        facts = CustomerFacts(residential=False, notices=(notice, *(now - r for r in reminders)))
+        return policy.check_relay("trip", facts, now, arrears=True)
+
+    missing = shop()
+    assert missing is not None and missing.rule == "notice" and "reminder at least 1 h" in missing.reason
+    assert shop(timedelta(minutes=59)) is not None  # too late: less than an hour ago
+    assert shop(timedelta(hours=1)) is None
+    assert shop(timedelta(hours=25)) is not None  # a reminder from two days ago is no reminder for today
+    assert (
+        Policy(require_notice=True, reminder=timedelta(0)).check_relay(
+            "trip", CustomerFacts(residential=False, notices=(notice,)), now, arrears=True
+        )
+        is None
+    )
+    stale = CustomerFacts(notices=(now - timedelta(days=31),))
+    assert rule(policy, now, stale, arrears=True) == "notice"  # older than notice_valid (30 days)
 
 
 def test_dry_run_is_not_a_verdict_of_the_rules():
@@ -520,7 +549,10 @@ async def test_notice_periods_through_the_service(make_rig: RigFactory):
     rig.service.notice_sent[A1] = now - timedelta(days=6, hours=23)
     _, events = await rig.done(await rig.trip("n-2", arrears=True))
     assert refused_by(events)[0] == "notice" and "7 days" in refused_by(events)[1]
-    rig.service.notice_sent[A3] = now - timedelta(days=3)  # non-residential: 3 days
+    await rig.service.record_notice(A3, "ops", now - timedelta(days=3))  # non-residential: 3 days ...
+    _, events = await rig.done(await rig.trip("n-3a", A3, arrears=True))
+    assert refused_by(events)[0] == "notice" and "reminder" in refused_by(events)[1]
+    await rig.service.record_notice(A3, "ops", now - timedelta(hours=1))  # ... plus a reminder 1 h before
     other, events = await rig.done(await rig.trip("n-3", A3, arrears=True))
     assert other.state is State.CONFIRMED, events[-1].detail
     assert rig.relay_frames() == 1 and rig.relay(A1) == "closed"

@@ -881,6 +881,17 @@ class Store:
             row = cur.fetchone()
             return parse_ts(row[0]) if row and row[0] else None
 
+    async def notices(self, address: str, since: datetime) -> list[datetime]:
+        """When each notice to this customer since ``since`` went out, oldest first."""
+        return await self._run(self._notices, address, since)
+
+    def _notices(self, address: str, since: datetime) -> list[datetime]:
+        with self._transaction() as cur:
+            cur.execute(
+                "SELECT sent_at FROM notices WHERE address = ? AND sent_at >= ? ORDER BY sent_at", (address, ts(since))
+            )
+            return [parse_ts(r[0]) for r in cur.fetchall()]
+
     async def zero_since(self, address: str) -> datetime | None:
         """When a remote wallet's balance reached zero (None: it is above zero, or has no wallet)."""
         return await self._run(self._zero_since, address)
