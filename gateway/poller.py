@@ -16,7 +16,9 @@ or that a meter stopped answering. The poller reads, per meter:
   04000F01, 04000F02 and 04000F04, in kWh. Remote cost-control meters hold no wallet (the
   ledger is theirs): only the status word.
 
-DL/T 645-1997 meters have no status word 3 and are not polled.
+DL/T 645-1997 meters have no status word 3 and no prepaid registers in the 1997 table
+(dlt645.md §7.3): the poller reads their forward active energy (9010), so a silent 1997 meter
+is reported like any other (``meter_silent``, ``meter_back``) and its last reading is kept.
 
 **Schedule.** ``[poll] interval_s`` (default 900 s, 15 minutes; 0 = off) is the time in which
 every meter of a line is read once. The meters of a line are read one after another, evenly
@@ -204,6 +206,10 @@ class PollStats:
     """Complete passes over a line's meters (background loop)."""
 
 
+ENERGY_1997 = 0x9010
+"""Forward active energy, total (dlt645.md §7.3): what the poller reads of a 1997 meter."""
+
+
 def relay_state(relay_open: bool, trip_commanded: bool) -> str:
     """``closed``, ``open`` or ``close-allowed`` from status word 3 bits 4 and 6 (dlt645.md §3.4)."""
     if not relay_open:
@@ -319,12 +325,12 @@ class Poller:
     # --- which meters -----------------------------------------------------------------------------------
 
     def lines(self) -> dict[str, list[MeterEntry]]:
-        """The pollable meters (2007 edition, on a known line), by line, in address order."""
+        """The pollable meters (on a known line), by line, in address order."""
         if self._lines is None:
             out: dict[str, list[MeterEntry]] = {}
             for address in sorted(self.service.meters):
                 entry = self.service.meters[address]
-                if entry.profile.edition is Edition.V2007 and entry.bus in self.service.links:
+                if entry.bus in self.service.links:
                     out.setdefault(entry.bus, []).append(entry)
             self._lines = out
         return self._lines
@@ -497,6 +503,12 @@ class Poller:
     async def _read(self, entry: MeterEntry, wallet: str | None, thresholds: dict[str, int] | None) -> dict[str, Any]:
         """What the meter says now (raises on no answer); a DI it refuses is left out."""
         said: dict[str, Any] = {}
+        if entry.profile.edition is Edition.V1997:
+            try:
+                said["energy_kwh"] = str(await self._get(entry, ENERGY_1997))
+            except MeterRefused as exc:
+                said["refused"] = str(exc)  # it answered: not silent
+            return said
         meter_type = None
         try:
             status = await self._get(entry, STATUS_WORD_3)

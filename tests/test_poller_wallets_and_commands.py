@@ -330,3 +330,32 @@ async def test_an_energy_wallet_is_topped_up_in_kwh_exactly_once(tmp_path: Path)
         assert (await b.store.get(auto.id)).state is State.CONFIRMED
         assert b.truth(M1)["purchase_count"] == after["purchase_count"] + 1
         assert api._params_view(done)["energy_kwh"] == "25.50"
+
+
+async def test_a_1997_meter_is_polled_for_its_energy_and_reported_when_silent(tmp_path: Path):
+    """dlt645.md §7.3: no status word 3, no prepaid registers; the poller reads 9010, and a 1997
+    meter that stops answering is ``meter_silent`` like any other (then ``meter_back``)."""
+    import dataclasses
+
+    from protocols.dlt645.profile import PROFILES
+    from simulator.faults import Fault, FaultSpec
+
+    old = MeterSpec(M1, profile="dlt645-1997")
+    async with bench(tmp_path, [old, MeterSpec(M2)]) as b:
+        b.service.meters[M1] = dataclasses.replace(b.service.meters[M1], profile=PROFILES["dlt645-1997"])
+        b.poller._lines = None
+        assert M1 in {e.address for e in b.poller.lines()["bus0"]}
+        first = (await b.poller.poll_once())[M1]
+        assert first is not None and first.answering
+        assert Decimal(first.state["energy_kwh"]) == Decimal(b.truth(M1)["energy_kwh"])
+        assert "relay" not in first.state
+        b.fleet.inject(M1, FaultSpec(Fault.NO_REPLY))
+        for _ in range(5):
+            await b.poller.poll_once([M1])
+        alarms = [e.payload["alarm"] for e in b.events if e.address == M1 and e.topic == "alarms"]
+        assert alarms == ["meter_silent"]
+        b.fleet.clear_faults(M1)
+        await b.poller.poll_once([M1])
+        alarms = [e.payload["alarm"] for e in b.events if e.address == M1 and e.topic == "alarms"]
+        assert alarms == ["meter_silent", "meter_back"]
+        assert not [e for e in b.events if e.topic == "relay"]  # no relay state: no relay events
