@@ -74,7 +74,7 @@ from protocols.dlt645.security import (
 )
 
 from .esam import EsamRefusal
-from .meter import CostMode, Meter, to_ms
+from .meter import CostMode, EventClass, Meter, to_ms
 from .readout import LIMIT_DIS, NotServed, read_value
 from .relay import RelayRefused
 from .tariff import TariffNumberError
@@ -207,6 +207,7 @@ def _dispatch(meter: Meter, frame: Frame, payload: Any, now: datetime) -> Any:
             raise _Err(ErrorFlags.PASSWORD)
         _check_plaintext(meter, payload.password, now)
         if isinstance(payload, MeterClearRequest):
+            meter.record_event(EventClass.METER_CLEAR, payload.operator)  # with the energy before (§3.7)
             meter.forward[:] = [0] * 5
             meter.reverse[:] = [0] * 5
             meter.record_program(payload.operator, 0)
@@ -214,7 +215,9 @@ def _dispatch(meter: Meter, frame: Frame, payload: Any, now: datetime) -> Any:
         if isinstance(payload, EventClearRequest):
             meter.trips.clear()
             meter.closes.clear()
+            meter.record_event(EventClass.EVENT_CLEAR, payload.operator, di=payload.di)
             return EventClearReply()
+        meter.record_event(EventClass.DEMAND_CLEAR, payload.operator)
         return DemandResetReply()
     if isinstance(payload, (RelayControlRequest, EncryptedRelayControlRequest)):
         return _relay(meter, payload, now)
@@ -370,12 +373,12 @@ def _apply_write(meter: Meter, di: int, value: Any, operator: str) -> None:
     if di == 0x04000101:
         local = meter.local_time()
         new_local = local.replace(year=value.year, month=value.month, day=value.day)
-        meter.set_clock(to_ms(new_local))
+        meter.set_clock(to_ms(new_local), operator)
         return
     if di == 0x04000102:
         local = meter.local_time()
         new_local = local.replace(hour=value.hour, minute=value.minute, second=value.second, microsecond=0)
-        meter.set_clock(to_ms(new_local))
+        meter.set_clock(to_ms(new_local), operator)
         return
     if di == 0x0400040E:
         meter.wallet.customer = value

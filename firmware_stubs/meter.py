@@ -17,9 +17,11 @@ milliseconds since the epoch (UTC) inside, aware datetimes at the API.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
+from enum import IntEnum, StrEnum
+from types import MappingProxyType
 
 from protocols.dlt645 import METER_TZ, MeterProfile
 from protocols.dlt645.profile import SGCC_2013
@@ -110,6 +112,76 @@ class ProgramRecord:
     di: int
 
 
+class EventClass(IntEnum):
+    """The 0330 ee event classes the model records, by their DI1 ee (dlt645.md §3.7, FW-B EventTable).
+
+    Each is counted (0330ee00) and its last :data:`EVENT_RECORDS` records are kept. The others
+    of §3.7 (weekend and settlement-day programming, cover opening, key update, abnormal card
+    insertion, refunds) cannot happen in the simulation: no command of the model does them.
+    """
+
+    METER_CLEAR = 0x01
+    DEMAND_CLEAR = 0x02
+    EVENT_CLEAR = 0x03
+    TIME_SET = 0x04
+    """04000101/04000102 writes only: prepaid.md §1.7, "time settings ... excluding broadcast ones"."""
+    DAY_TABLE = 0x05
+    TIME_ZONE = 0x06
+    PRICES = 0x0F
+    LADDER = 0x10
+
+
+EVENT_RECORDS = 10
+"""Records kept per event class (prepaid.md §1.7: "the last 10"; dlt645.md §3.7: up to 10)."""
+
+
+def table_programming(di: int) -> EventClass | None:
+    """The table-programming class a successful write of ``di`` also counts in, besides the
+    programming record (dlt645.md §3.7: 033005 period-table, 033006 time-zone, 03300F
+    rate-price, 033010 ladder programming): 0401/0402 00 the time-zone tables, 0401/0402 01..
+    their day tables, 0405 the price tables, 0406 the ladder tables (§3.4)."""
+    if di >> 16 == 0x0401 or di >> 16 == 0x0402:
+        if di & 0xFFFF == 0:
+            return EventClass.TIME_ZONE
+        return EventClass.DAY_TABLE if di >> 8 & 0xFF == 0 else None
+    if di >> 16 == 0x0405:
+        return EventClass.PRICES
+    if di >> 16 == 0x0406:
+        return EventClass.LADDER
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """A 0330ee event record: when by the meter's clock, the operator code of the command
+    (dlt645.md §2.3: "要求从站记录操作者代码"; prepaid.md §1.7), and what the class keeps.
+
+    ``di``: the DI programmed (table programming) or the event cleared (event clear, FFFFFFFF =
+    all). ``forward``/``reverse``: the active totals (hundredths) at the event (meter clear:
+    prepaid.md §1.7, "meter clear, with energy at the time"). ``before_ms``: a time set's
+    clock reading before it was set (``time_ms`` is the reading it was set to).
+    """
+
+    time_ms: int
+    operator: str
+    di: int = 0xFFFFFFFF
+    forward: int = 0
+    reverse: int = 0
+    before_ms: int | None = None
+
+
+@dataclass(slots=True)
+class EventLog:
+    """One event class: its total count (0330ee00) and the last records, newest first."""
+
+    count: int = 0
+    records: list[EventRecord] = field(default_factory=list)
+
+
+_NO_EVENTS: Mapping[EventClass, EventLog] = MappingProxyType({})
+"""Every meter's event logs until its first event: fleets of 1e5 meters pay nothing for them."""
+
+
 @dataclass
 class MeterConfig:
     """How a meter is built; everything has a realistic default."""
@@ -146,6 +218,10 @@ class MeterConfig:
 
 class Meter:
     """One meter: a deterministic state machine driven by time and request frames."""
+
+    events: Mapping[EventClass, EventLog] = _NO_EVENTS
+    """The 0330ee event logs per class: this shared empty mapping until the meter's first event,
+    then the meter's own dict (a class's log is created at its first event)."""
 
     def __init__(
         self,
@@ -278,10 +354,17 @@ class Meter:
         self.tariff.settle_if_due(local)
         self._settle_cache = self._window_cache = None
 
-    def set_clock(self, meter_ms: int) -> None:
-        """A time set (04000101/04000102): the clock reads ``meter_ms`` now (call after advancing)."""
+    def set_clock(self, meter_ms: int, operator: str | None = None) -> None:
+        """A time set (04000101/04000102): the clock reads ``meter_ms`` now (call after advancing).
+
+        With the command's ``operator`` code it is a time-setting event (033004, dlt645.md
+        §3.7): the reading before and the one set are recorded.
+        """
+        before = self.clock.meter_ms(self._t)
         self.clock.set(meter_ms, self._t)
         self._clock_changed()
+        if operator is not None:
+            self.record_event(EventClass.TIME_SET, operator, before_ms=before)
 
     def broadcast_sync(self, new_meter_ms: int) -> bool:
         """A broadcast time (0x08): applied only within the rules of :meth:`MeterClock.broadcast_sync`,
@@ -666,6 +749,22 @@ class Meter:
         """A programming event with its operator code (prepaid.md §1.7)."""
         _push(self.programs, ProgramRecord(self.clock.meter_ms(self._t), operator, di), 10)
         self.program_count += 1
+        table = table_programming(di)
+        if table is not None:
+            self.record_event(table, operator, di=di)
+
+    def record_event(self, kind: EventClass, operator: str, di: int = 0xFFFFFFFF, before_ms: int | None = None) -> None:
+        """A 0330ee event (dlt645.md §3.7) now, by the meter's clock, with the active totals as
+        they are (a meter clear records them before it clears)."""
+        record = EventRecord(self.clock.meter_ms(self._t), operator, di, self.forward[0], self.reverse[0], before_ms)
+        events = self.events
+        if not isinstance(events, dict):
+            events = self.events = {}
+        log = events.get(kind)
+        if log is None:
+            log = events[kind] = EventLog()
+        _push(log.records, record, EVENT_RECORDS)
+        log.count += 1
 
     def apply_top_up(self, amount_fen: int, count: int, customer: str, opening: bool) -> bool:
         """Run the wallet rules of dlt645.md §5.3, then the relay rules of prepaid.md §1.5.

@@ -14,7 +14,7 @@ from typing import Any
 from protocols.dlt645 import METER_TZ
 
 from .agreed import FREEZE_TYPE, agreed_freezes
-from .meter import CostMode, EnergySnapshot, Meter, RelayRecord, from_ms
+from .meter import CostMode, EnergySnapshot, EventClass, Meter, RelayRecord, from_ms
 from .relay import RelayState
 from .wallet import WalletUnit
 
@@ -179,6 +179,8 @@ def _freeze(meter: Meter, di: int) -> Any:
             return _energy_block(f.energy.reverse)
         if di1 == 0x90:
             return {"remaining": h2(f.remaining), "overdraft": h2(f.overdraft), "purchase_count": f.purchase_count}
+        if di1 == 0xFF:
+            return _whole(f.energy.time_ms, _energy_block(f.energy.forward), _energy_block(f.energy.reverse))
         raise NotServed
     if kind == 0x04:
         hourly = meter.hourly
@@ -191,6 +193,8 @@ def _freeze(meter: Meter, di: int) -> Any:
             return h2(s.forward[0])
         if di1 == 0x02:
             return h2(s.reverse[0])
+        if di1 == 0xFF:
+            return _whole(s.time_ms, h2(s.forward[0]), h2(s.reverse[0]))  # the totals only (FW-B)
         raise NotServed
     if kind == 0x01:
         if not 1 <= n <= len(meter.instant):
@@ -213,7 +217,26 @@ def _snapshot_group(s: EnergySnapshot, di1: int) -> Any:
         return _energy_block(s.forward)
     if di1 == 0x02:
         return _energy_block(s.reverse)
+    if di1 == 0xFF:
+        return _whole(s.time_ms, _energy_block(s.forward), _energy_block(s.reverse))
     raise NotServed
+
+
+def _whole(time_ms: int, forward: Any, reverse: Any) -> dict[str, Any]:
+    """A whole freeze record (DI1 = FF, dlt645.md §3.6): the groups the model freezes. The
+    reactive, demand and variable groups are left out, so the table's format sends each as a
+    bare AA, as a single-phase FW-B meter does (di_2007.toml)."""
+    return {"time": _local(time_ms), "forward_active": forward, "reverse_active": reverse}
+
+
+def _event_count(kind: EventClass) -> Callable[[Meter], int]:
+    """0330ee00: the total count of an event class the model records (dlt645.md §3.7)."""
+
+    def read(m: Meter) -> int:
+        log = m.events.get(kind)
+        return 0 if log is None else log.count
+
+    return read
 
 
 def status_word_1(meter: Meter) -> dict[str, bool | int]:
@@ -326,6 +349,7 @@ _SIMPLE: dict[int, Callable[[Meter], Any]] = {
     0x1D000001: lambda m: m.trip_count,
     0x1E000001: lambda m: m.close_count,
     0x03300000: lambda m: m.program_count,
+    **{0x03300000 | kind << 8: _event_count(kind) for kind in EventClass},
 }
 
 
@@ -347,6 +371,12 @@ def read_value(meter: Meter, di: int) -> Any:
         return _purchase(meter, di)
     if di >> 8 == 0x033000:
         return _program_record(meter, di & 0xFF)  # 03300000 (the count) is served above
+    # The other 0330ee records (0330ee01..0A) are not served, though the meter keeps them
+    # (Meter.events): dlt645.md §3.7 names them without a layout, so di_2007.toml has them as
+    # BYTES, and bytes laid out here would be a layout no reference gives. Their counts are
+    # served above for the classes the model records (EventClass); the classes it cannot
+    # produce (weekend, settlement-day, cover, key update, abnormal card, refunds 033400nn)
+    # are not served at all: the reference does not say what a meter that never had one answers.
     if di3 == 0x05:
         return _freeze(meter, di)
     if di == 0x040005FF:
