@@ -51,6 +51,10 @@ writes first reports the change, the other drops its poll. The first observation
 a meter is the baseline: no relay or balance event (there is no change to report), except
 ``meter_silent`` if it does not answer.
 
+**Two gateways** on one PostgreSQL ledger poll the same meters; each skips a meter that was
+polled (by either) less than half an interval ago, so together they read each meter about once
+per interval, not twice.
+
 **Events** go to :attr:`Poller.listeners` (the MQTT northbound publishes them as
 ``events/relay`` and ``events/alarms``, with ``"source": "meter"``):
 
@@ -197,6 +201,8 @@ class PollStats:
     """Polls without an answer."""
     skipped_busy: int = 0
     """Meters not read because a command was at work on them."""
+    skipped_fresh: int = 0
+    """Meters not read because a poll (another gateway's) is recent enough."""
     discarded: int = 0
     """Polls thrown away because a command changed state meanwhile."""
     yielded: int = 0
@@ -205,6 +211,9 @@ class PollStats:
     rounds: int = 0
     """Complete passes over a line's meters (background loop)."""
 
+
+FRESH_FRACTION = 0.5
+"""The background loop skips a meter polled less than this fraction of the interval ago."""
 
 ENERGY_1997 = 0x9010
 """Forward active energy, total (dlt645.md §7.3): what the poller reads of a 1997 meter."""
@@ -381,7 +390,7 @@ class Poller:
             for entry in entries:
                 began = loop.time()
                 try:
-                    await self.poll_meter(entry)
+                    await self.poll_meter(entry, fresh_within=self.config.interval_s * FRESH_FRACTION)
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # a ledger hiccup must not end the line's polling
@@ -408,11 +417,19 @@ class Poller:
 
     # --- one meter --------------------------------------------------------------------------------------
 
-    async def poll_meter(self, entry: MeterEntry) -> Observation | None:
-        """Read one meter, record the observation and emit what changed; None if skipped or discarded."""
+    async def poll_meter(self, entry: MeterEntry, *, fresh_within: float = 0.0) -> Observation | None:
+        """Read one meter, record the observation and emit what changed; None if skipped or discarded.
+
+        ``fresh_within``: not read if it was polled (by any gateway on this ledger) less than that
+        many seconds ago (the background loop: module docs, "Two gateways")."""
         address = entry.address
         store = self.store
         previous = await store.observation(address)
+        if previous is not None and fresh_within > 0:
+            age = (self.service.now() - previous.at).total_seconds()
+            if 0 <= age < fresh_within:
+                self.stats.skipped_fresh += 1
+                return None
         before = await store.meter_activity(address, self.service.now())
         if before.busy:
             self.stats.skipped_busy += 1

@@ -493,6 +493,21 @@ async def test_two_pollers_on_one_ledger_report_a_change_once(tmp_path: Path):
         assert b.poller.stats.discarded + other.stats.discarded == 1
 
 
+async def test_a_meter_another_gateway_polled_recently_is_not_read_again(tmp_path: Path):
+    """Two gateways on one ledger: the background loop skips a meter polled (by either) less than
+    half an interval ago, so the two read each meter about once per interval, not twice."""
+    async with bench(tmp_path, [MeterSpec(M1)]) as b:
+        other = Poller(b.service, PollConfig(interval_s=600))
+        entry = b.service.meters[M1]
+        assert await other.poll_meter(entry, fresh_within=300) is not None  # the other gateway's poll
+        writes = len(b.transport.written)
+        b.clock.advance(timedelta(seconds=299))
+        assert await b.poller.poll_meter(entry, fresh_within=300) is None
+        assert b.poller.stats.skipped_fresh == 1 and len(b.transport.written) == writes  # nothing sent
+        b.clock.advance(timedelta(seconds=2))
+        assert await b.poller.poll_meter(entry, fresh_within=300) is not None
+
+
 # --- configuration and the running gateway ----------------------------------------------------------------------
 
 
