@@ -194,6 +194,17 @@ def test_relay_trip_and_direct_close(served: ServedFleet):
     assert served.state(A2)["relay"] == "closed"
 
 
+def test_relay_refused_by_a_meter_whose_clock_is_ahead_says_why(served: ServedFleet):
+    """The meter refuses a frame whose validity end lies in its past; the 1-byte reply reports
+    "password", so the error line adds what the meter's clock reads (dlt645.md §4.1)."""
+    from simulator.faults import Fault, FaultSpec
+
+    served.call(lambda: served.fleet.inject(A2, FaultSpec(Fault.CLOCK_JUMP, seconds=2 * 86_400)))
+    line = assert_error(meterlink("relay", "--bus", served.url(), A2, "trip"), rf"meter {A2} refused")
+    assert "the meter's clock reads" in line and "past the validity end" in line
+    assert served.state(A2)["relay"] == "closed"
+
+
 def test_discover(served: ServedFleet):
     assert assert_ok(meterlink("discover", "--bus", served.url("bus1"))) == [A3]  # alone: wildcard read-address
     lines = assert_ok(meterlink("discover", "--bus", served.url(), *FAST, "--address", "1", "--address", "7"))

@@ -505,13 +505,36 @@ def relay(
 
     async def run(link: Link) -> Any:
         client = MeterClient(link, addr, prof, operator=operator)
-        return await client.relay(
-            _ACTIONS[action], until, n2=n2, encrypted=not plaintext, level=level_value, password=password
-        )
+        try:
+            return await client.relay(
+                _ACTIONS[action], until, n2=n2, encrypted=not plaintext, level=level_value, password=password
+            )
+        except MeterRefused as refused:
+            hint = await _clock_hint(client, until)
+            if hint is None:
+                raise
+            raise GatewayError(f"{refused}; {hint}") from None
 
     result = _run(bus, timeout, retries, run, reconnect=reconnect, verbose=verbose)
     executed = f" ({result.execution.name})" if result.execution else ""
     click.echo(f"{addr}: {action} accepted{executed}")
+
+
+async def _clock_hint(client: MeterClient, until: datetime) -> str | None:
+    """Why a meter may have refused a control frame valid until ``until``: its clock is past that
+    (dlt645.md §4.1; the 1-byte reply form reports a password error). None otherwise."""
+    try:
+        date = (await client.read(0x04000101)).value
+        clock = (await client.read(0x04000102)).value
+        meter_now = datetime.combine(date, clock, tzinfo=METER_TZ)
+    except (GatewayError, Dlt645Error, TypeError, ValueError):
+        return None
+    if meter_now < until:
+        return None
+    return (
+        f"the meter's clock reads {meter_now.isoformat()}, past the validity end {until.isoformat()}: "
+        "it refuses the frame whatever error it reports; set its time (meterlink write ... 04000101/04000102)"
+    )
 
 
 def _valid_until(minutes: int | None, until: str | None) -> datetime | None:
