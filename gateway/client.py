@@ -526,6 +526,12 @@ class MeterClient:
             await self.session(renew=True, not_after=not_after)
             return await self._tx(build(), **_bound(not_after))
 
+    async def meter_time(self) -> datetime:
+        """The meter's clock: date (04000101) and time (04000102), in the meter's zone (dlt645.md §3)."""
+        date = (await self.read(0x04000101)).value
+        clock = (await self.read(0x04000102)).value
+        return datetime.combine(date, clock, tzinfo=METER_TZ)
+
     async def purchase_count(self, *, not_after: datetime | None = None) -> int:
         """The purchase count the meter's ESAM holds (what a recharge or opening is checked against).
 

@@ -1268,9 +1268,7 @@ class CommandService:
 
     async def _clock_error(self, client: MeterClient) -> float:
         """The meter's clock minus true time, in seconds (reads 04000101 and 04000102)."""
-        date = (await client.read(0x04000101)).value
-        clock = (await client.read(0x04000102)).value
-        return (datetime.combine(date, clock, tzinfo=METER_TZ) - self.now()).total_seconds()
+        return (await client.meter_time() - self.now()).total_seconds()
 
     async def _time_sync(self, command: Command, entry: MeterEntry, *, verify_only: bool = False) -> None:
         """Set one meter's clock: read it; if it is more than 10 s off, write date and time to this

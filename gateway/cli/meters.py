@@ -524,9 +524,7 @@ async def _clock_hint(client: MeterClient, until: datetime) -> str | None:
     """Why a meter may have refused a control frame valid until ``until``: its clock is past that
     (dlt645.md §4.1; the 1-byte reply form reports a password error). None otherwise."""
     try:
-        date = (await client.read(0x04000101)).value
-        clock = (await client.read(0x04000102)).value
-        meter_now = datetime.combine(date, clock, tzinfo=METER_TZ)
+        meter_now = await client.meter_time()
     except (GatewayError, Dlt645Error, TypeError, ValueError):
         return None
     if meter_now < until:
