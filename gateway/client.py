@@ -532,6 +532,16 @@ class MeterClient:
         clock = (await self.read(0x04000102)).value
         return datetime.combine(date, clock, tzinfo=METER_TZ)
 
+    async def clock_past(self, until: datetime) -> datetime | None:
+        """The meter's clock if it reads ``until`` or later, else None (also when it cannot be
+        read): why a control frame valid until then was refused, since the meter refuses one
+        whose validity end lies in its past and the 1-byte reply form says "password" (dlt645.md §4.1)."""
+        try:
+            meter_now = await self.meter_time()
+        except (GatewayError, Dlt645Error, TypeError, ValueError):
+            return None
+        return meter_now if meter_now >= until else None
+
     async def purchase_count(self, *, not_after: datetime | None = None) -> int:
         """The purchase count the meter's ESAM holds (what a recharge or opening is checked against).
 

@@ -303,10 +303,11 @@ class Link:
         self._worker: asyncio.Task[None] | None = None
         self._last_end = 0.0
         self._dirty: tuple[Frame, int | None] | None = None
-        self._unsynced: set[str] = set()
-        self._reopen_pause = max(self.config.backoff_s, 0.01)
-        """Meters that may still owe a reply (module docs, "Late replies")."""
         """The request (and its baud hint) of the last transaction that lost a reply: the next one guards."""
+        self._unsynced: set[str] = set()
+        """Meters that may still owe a reply (module docs, "Late replies")."""
+        self._reopen_pause = max(self.config.backoff_s, 0.01)
+        """The next pause before reopening a lost transport; reset when a transaction gets through."""
         self._down_since: float | None = None
         self._down_error: LinkDown | None = None
         self._usable = asyncio.Event()
@@ -551,6 +552,8 @@ class Link:
             await self._send(read, wire, sync, frames, True)
         except Expired as exc:
             raise Expired(request.address, _describe(request), job.wrote, exc.cause) from None
+        except LinkDown:
+            raise  # the line, not the meter: callers wait for it as for any lost line
         except NoReply as exc:
             raise NoReply(
                 request.address,

@@ -129,6 +129,25 @@ def _fen(value: Any, what: str) -> int:
     return int(amount.scaleb(2))
 
 
+def _untimely(
+    kind: Kind, clean: dict[str, Any], valid_until: datetime | None, not_before: datetime | None, now: datetime
+) -> str | None:
+    """Why a new command's times are not acceptable now, or None."""
+    if valid_until is not None and valid_until <= now:
+        return "valid_until is in the past"
+    if kind is Kind.TARIFF:
+        past = [f for f in SWITCH_FIELDS if clean.get(f) and datetime.fromisoformat(clean[f]) < now]
+        if past:
+            return f'{past[0]} is in the past: the meter would switch at once; send set "current" for that'
+    latest = max(now, not_before or now) + MAX_RELAY_VALIDITY
+    if kind is Kind.RELAY and valid_until is not None and valid_until > latest:
+        # A trip that may still run days from now is what validity ends exist to prevent
+        # (prepaid.md §5.3: 30 min interactive, 24 h for a batch).
+        hours = MAX_RELAY_VALIDITY.total_seconds() / 3600
+        return f"a relay command may be valid for at most {hours:g} hours (from not_before, or from now)"
+    return None
+
+
 def _topup_amount(command: Command) -> int:
     """A top-up's amount in the wallet's unit: fen, or 0.01 kWh for an energy wallet."""
     params = command.params
@@ -351,9 +370,9 @@ class CommandService:
         """Called after every state change (the MQTT northbound publishes from here)."""
         self.zero_since: dict[str, datetime] = {}
         self.notice_sent: dict[str, datetime] = {}
+        """When each customer's latest disconnection notice went out (the policy's notice rule)."""
         self.notices: dict[str, tuple[datetime, ...]] = {}
         """Each customer's recent notices, oldest first (the notice and its reminders)."""
-        """When each customer's disconnection notice went out (the policy's notice rule)."""
         self.power_hold: dict[str, bool] = {}
         """Power hold as the latest confirmed power-hold command left it (besides the configuration)."""
 
@@ -480,40 +499,17 @@ class CommandService:
             raise InvalidCommand("actor (who asks) is required")
         if valid_until is not None and valid_until.tzinfo is None:
             raise InvalidCommand("valid_until needs a time zone")
-        now = self.now()
-        if valid_until is not None and valid_until <= now:
-            first = await self.store.get_by_key(key) if key is not None else None
-            if first is not None:
-                return first, False  # a re-sent command (e.g. an MQTT redelivery): the first one
-            raise InvalidCommand("valid_until is in the past")
         if not_before is not None and not_before.tzinfo is None:
             raise InvalidCommand("not_before needs a time zone")
-        past = (
-            [f for f in SWITCH_FIELDS if clean.get(f) and datetime.fromisoformat(clean[f]) < now]
-            if kind is Kind.TARIFF
-            else []
-        )
-        if past:
-            first = await self.store.get_by_key(key) if key is not None else None
-            if first is not None:
-                return first, False  # a re-sent command: the first one
-            raise InvalidCommand(
-                f'{past[0]} is in the past: the meter would switch at once; send set "current" for that'
-            )
-        if (
-            kind is Kind.RELAY
-            and valid_until is not None
-            and valid_until > max(now, not_before or now) + MAX_RELAY_VALIDITY
-        ):
-            # A trip that may still run days from now is what validity ends exist to prevent
-            # (prepaid.md §5.3: 30 min interactive, 24 h for a batch).
+        now = self.now()
+        problem = _untimely(kind, clean, valid_until, not_before, now)
+        if problem is not None:
+            # Only a new command is refused: a re-sent one (e.g. an MQTT redelivery after its
+            # validity, or its switch time, has passed) returns the first.
             first = await self.store.get_by_key(key) if key is not None else None
             if first is not None:
                 return first, False
-            raise InvalidCommand(
-                f"a relay command may be valid for at most {MAX_RELAY_VALIDITY.total_seconds() / 3600:g} hours "
-                "(from not_before, or from now)"
-            )
+            raise InvalidCommand(problem)
         if key is None:
             key = await self._derived_key(kind, entry.address, clean, valid_until, not_before, now)
         if kind is Kind.RELAY and valid_until is None:
@@ -1251,16 +1247,11 @@ class CommandService:
 
     async def _clock_hint(self, client: MeterClient, until: datetime) -> str | None:
         """Why a meter may have refused a control frame valid until ``until``: its clock is past
-        that (it refuses a frame whose validity end lies in its past, dlt645.md §4.1; the 1-byte
-        reply form cannot say so, it reports a password error). None when its clock is not the
-        reason, or cannot be read."""
-        try:
-            error = await self._clock_error(client)
-        except (GatewayError, Dlt645Error, TypeError, ValueError):
+        that (:meth:`MeterClient.clock_past`). None when its clock is not the reason."""
+        meter_now = await client.clock_past(until)
+        if meter_now is None:
             return None
-        if self.now() + timedelta(seconds=error) < until:
-            return None
-        ahead = timedelta(seconds=round(error))
+        ahead = timedelta(seconds=round((meter_now - self.now()).total_seconds()))
         return (
             f"the meter's clock is {ahead} ahead: the command's validity end {until.isoformat()} lies in its past, "
             "so it refuses the frame (whatever error it reports); a time sync (kind time_sync) fixes that"
@@ -1338,7 +1329,7 @@ def _relay_confirmed(action: str, f: dict[str, Any], execution: Any, replied: bo
     large-current delay shows only the pre-trip alarm bit (§1.5 of prepaid.md): that counts only
     with the meter's own reply, since the alarm may have been on before (alarm-on, alarm 2).
     """
-    if action in ("trip", "trip-auto-restore", "trip-auto-restore-alt"):
+    if action in TRIP_ACTIONS:
         if f.get("relay_trip_commanded"):
             return True, "trip commanded"
         if execution is not None and int(execution) & TRIP_DELAYED:

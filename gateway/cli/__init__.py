@@ -52,12 +52,6 @@ def _plugins() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group="meterlink.commands")}
 
 
-def _load_plugins() -> None:
-    """Load every plug-in subcommand now (tests that drive ``cli`` directly)."""
-    for name in _plugins():
-        cli.get_command(click.Context(cli), name)
-
-
 def main() -> None:
     """Entry point of the ``meterlink`` console script."""
     cli()

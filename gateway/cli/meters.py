@@ -510,29 +510,18 @@ def relay(
                 _ACTIONS[action], until, n2=n2, encrypted=not plaintext, level=level_value, password=password
             )
         except MeterRefused as refused:
-            hint = await _clock_hint(client, until)
-            if hint is None:
+            meter_now = await client.clock_past(until)
+            if meter_now is None:
                 raise
-            raise GatewayError(f"{refused}; {hint}") from None
+            raise GatewayError(
+                f"{refused}; the meter's clock reads {meter_now.isoformat()}, past the validity end "
+                f"{until.isoformat()}: it refuses the frame whatever error it reports; set its time "
+                "(meterlink write ... 04000101/04000102)"
+            ) from None
 
     result = _run(bus, timeout, retries, run, reconnect=reconnect, verbose=verbose)
     executed = f" ({result.execution.name})" if result.execution else ""
     click.echo(f"{addr}: {action} accepted{executed}")
-
-
-async def _clock_hint(client: MeterClient, until: datetime) -> str | None:
-    """Why a meter may have refused a control frame valid until ``until``: its clock is past that
-    (dlt645.md §4.1; the 1-byte reply form reports a password error). None otherwise."""
-    try:
-        meter_now = await client.meter_time()
-    except (GatewayError, Dlt645Error, TypeError, ValueError):
-        return None
-    if meter_now < until:
-        return None
-    return (
-        f"the meter's clock reads {meter_now.isoformat()}, past the validity end {until.isoformat()}: "
-        "it refuses the frame whatever error it reports; set its time (meterlink write ... 04000101/04000102)"
-    )
 
 
 def _valid_until(minutes: int | None, until: str | None) -> datetime | None:
